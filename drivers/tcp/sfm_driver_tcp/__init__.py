@@ -1,0 +1,6 @@
+"""sfm-driver-tcp: the TCP transport for sfm (``tcp://``)."""
+
+from .driver import TcpDriver
+
+__all__ = ["TcpDriver"]
+__version__ = "0.1.0"

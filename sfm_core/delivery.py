@@ -1,0 +1,174 @@
+"""Ordered delivery off the I/O threads, with bounded queues.
+
+Each connection gets a :class:`Lane`. Items submitted to a lane run in submission order, on
+one of a few shared worker threads (a lane never runs on two threads at once), so thousands
+of connections cost no thread each. A lane holds at most ``max_items``/``max_bytes`` of
+undelivered frames; past that the lane asks the driver to pause reading (or, for a driver that
+cannot pause, blocks the submitting thread) until the receiver catches up, so a slow receiver
+slows the sender instead of growing memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+_STOP = object()
+
+
+class Dispatcher:
+    """A pool of delivery threads that run ready lanes."""
+
+    def __init__(self, workers: int = 4, name: str = "sfm-deliver", batch: int = 256) -> None:
+        self._ready: queue.SimpleQueue = queue.SimpleQueue()
+        self._workers = workers
+        self._name = name
+        self._batch = batch
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        for i in range(self._workers):
+            t = threading.Thread(target=self._work, name=f"{self._name}-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop after the items already queued ahead of the stop; join the threads."""
+        for _ in self._threads:
+            self._ready.put(_STOP)
+        for t in self._threads:
+            t.join(timeout)
+            if t.is_alive():
+                log.warning("delivery thread %s still busy after %s s", t.name, timeout)
+        self._threads = []
+
+    def lane(
+        self,
+        handler: Callable[[Any], None],
+        *,
+        max_items: int = 10_000,
+        max_bytes: int = 64 * 1024 * 1024,
+        pause: Callable[[], None] | None = None,
+        resume: Callable[[], None] | None = None,
+    ) -> Lane:
+        """A new ordered lane whose items are passed to ``handler`` one by one."""
+        return Lane(self, handler, max_items, max_bytes, pause, resume)
+
+    def _work(self) -> None:
+        ready = self._ready
+        batch = self._batch
+        while True:
+            lane = ready.get()
+            if lane is _STOP:
+                return
+            lane._run(batch)
+
+
+class Lane:
+    """An ordered queue of items for one connection; see the module docstring."""
+
+    __slots__ = (
+        "_bytes",
+        "_closed",
+        "_dispatcher",
+        "_handler",
+        "_items",
+        "_lock",
+        "_max_bytes",
+        "_max_items",
+        "_pause",
+        "_paused",
+        "_resume",
+        "_room",
+        "_scheduled",
+    )
+
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        handler: Callable[[Any], None],
+        max_items: int,
+        max_bytes: int,
+        pause: Callable[[], None] | None,
+        resume: Callable[[], None] | None,
+    ) -> None:
+        self._dispatcher = dispatcher
+        self._handler = handler
+        self._max_items = max_items
+        self._max_bytes = max_bytes
+        self._pause = pause
+        self._resume = resume
+        self._lock = threading.Lock()
+        self._room = threading.Condition(self._lock)
+        self._items: list = []
+        self._bytes = 0
+        self._scheduled = False
+        self._paused = False
+        self._closed = False
+
+    def submit(self, items: Sequence[Any], nbytes: int = 0) -> None:
+        """Queue items (from an I/O thread). Applies backpressure when the lane is full."""
+        with self._lock:
+            if self._closed:
+                return
+            self._items.extend(items)
+            self._bytes += nbytes
+            full = len(self._items) >= self._max_items or self._bytes >= self._max_bytes
+            if not self._scheduled:
+                self._scheduled = True
+                self._dispatcher._ready.put(self)
+            if not full:
+                return
+            if self._pause is not None:
+                if not self._paused:
+                    self._paused = True
+                    self._pause()
+                return
+            # The driver cannot pause: hold its reading thread until there is room.
+            while not self._closed and (len(self._items) >= self._max_items or self._bytes >= self._max_bytes):
+                self._room.wait(1.0)
+
+    def close(self) -> None:
+        """Drop what is queued and release a blocked submitter."""
+        with self._lock:
+            self._closed = True
+            self._items = []
+            self._bytes = 0
+            self._room.notify_all()
+
+    @property
+    def queued(self) -> int:
+        return len(self._items)
+
+    def _run(self, batch: int) -> None:
+        with self._lock:
+            items = self._items[:batch]
+            del self._items[:batch]
+        handler = self._handler
+        done_bytes = 0
+        for item in items:
+            try:
+                handler(item)
+            except Exception:  # the handler reports its own errors; this is a last resort
+                log.exception("delivery handler failed")
+            done_bytes += len(item) if isinstance(item, (bytes, bytearray, memoryview)) else 0
+        resume = False
+        with self._lock:
+            self._bytes = max(0, self._bytes - done_bytes)
+            low = len(self._items) < self._max_items // 2 and self._bytes < self._max_bytes // 2
+            if self._paused and low:
+                self._paused = False
+                resume = True
+            elif not self._paused and low:
+                self._room.notify_all()
+            if self._items and not self._closed:
+                self._dispatcher._ready.put(self)
+            else:
+                self._scheduled = False
+        if resume and self._resume is not None:
+            self._resume()

@@ -1,0 +1,293 @@
+"""Sans-I/O frame codec: the SFM frame prefix, headers and payload, with no sockets in sight.
+
+A frame is ``prefix (16 bytes) | headers (msgpack map) | payload`` (see docs/wire-protocol.md).
+Encoding returns a list of buffers so a driver can send the payload as it is (scatter-gather).
+:class:`FrameDecoder` turns a byte stream, in any chunking, into whole frames; it owns its
+buffers so an I/O layer can ``recv_into`` them directly (the asyncio ``BufferedProtocol`` shape).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from enum import IntEnum
+from typing import NamedTuple, Union
+
+import msgpack
+
+from .errors import CommError
+
+Buffer = Union[bytes, bytearray, memoryview]
+#: What ``send_frame``/``send_message`` accept: one buffer or a list of buffers sent back to back.
+Payload = Union[bytes, bytearray, memoryview, Sequence[bytes | bytearray | memoryview]]
+
+PREFIX = struct.Struct(">IHBBHHHH")
+PREFIX_LEN = PREFIX.size  # 16
+_LEN_AND_HEADER_LEN = struct.Struct(">IH")
+_SEQUENCE = struct.Struct(">H")
+SEQUENCE_OFFSET = 14
+
+#: The original protocol's frame limit: 2 GiB - 2 MiB.
+MAX_FRAME_SIZE = 2 * 1024**3 - 2 * 1024**2
+#: header_len is a 16-bit field, so encoded headers cannot exceed this.
+MAX_HEADER_LEN = 0xFFFF
+
+
+class FrameType(IntEnum):
+    """The ``type`` byte of the prefix."""
+
+    DATA = 1
+    FRAG = 2
+    ACK = 3
+    HELLO = 4
+    READY = 5
+    PING = 6
+    PONG = 7
+
+
+class Frame(NamedTuple):
+    """A decoded frame. ``payload`` is a memoryview into the received buffer, or None if empty."""
+
+    type: int
+    flags: int
+    app_id: int
+    stream_id: int
+    sequence: int
+    headers: dict | None
+    payload: memoryview | None
+
+
+def payload_length(payload: Payload | None) -> int:
+    """Number of bytes in a payload given as one buffer, a list of buffers, or None."""
+    if payload is None:
+        return 0
+    if isinstance(payload, (bytes, bytearray)):
+        return len(payload)
+    if isinstance(payload, memoryview):
+        return payload.nbytes
+    return sum(b.nbytes if isinstance(b, memoryview) else len(b) for b in payload)
+
+
+def payload_buffers(payload: Payload | None) -> list:
+    """The payload as a list of buffers (no copies)."""
+    if payload is None:
+        return []
+    if isinstance(payload, (bytes, bytearray, memoryview)):
+        return [payload] if len(payload) else []
+    return [b for b in payload if len(b)]
+
+
+def encode_head(
+    frame_type: int,
+    app_id: int,
+    stream_id: int,
+    headers: dict | None,
+    payload_len: int,
+    *,
+    flags: int = 0,
+    sequence: int = 0,
+    max_frame_size: int = MAX_FRAME_SIZE,
+) -> bytearray:
+    """Encode prefix and headers of a frame whose payload has ``payload_len`` bytes.
+
+    The payload itself is not touched: send ``[head, *payload_buffers]``. The result is a
+    bytearray so the sender can stamp the sequence number in at send time
+    (:func:`stamp_sequence`), under the same lock that orders the frames on the wire.
+    """
+    if headers:
+        try:
+            encoded = msgpack.packb(headers)
+        except (TypeError, ValueError, OverflowError) as e:
+            raise CommError(CommError.BAD_DATA, f"headers cannot be encoded with msgpack: {e}") from None
+        header_len = len(encoded)
+        if header_len > MAX_HEADER_LEN:
+            raise CommError(
+                CommError.BAD_DATA,
+                f"encoded headers are {header_len} bytes; the limit is {MAX_HEADER_LEN} (16-bit header_len)",
+            )
+    else:
+        encoded = b""
+        header_len = 0
+    length = PREFIX_LEN + header_len + payload_len
+    if length > max_frame_size:
+        raise CommError(
+            CommError.BAD_DATA, f"frame of {length} bytes exceeds the maximum frame size of {max_frame_size} bytes"
+        )
+    head = bytearray(PREFIX_LEN + header_len)
+    PREFIX.pack_into(head, 0, length, header_len, frame_type, 0, flags, app_id, stream_id & 0xFFFF, sequence)
+    head[PREFIX_LEN:] = encoded
+    return head
+
+
+def stamp_sequence(head: bytearray, sequence: int) -> None:
+    """Write the per-connection sequence number into an encoded head."""
+    _SEQUENCE.pack_into(head, SEQUENCE_OFFSET, sequence & 0xFFFF)
+
+
+def encode_frame(
+    frame_type: int,
+    app_id: int = 0,
+    stream_id: int = 0,
+    headers: dict | None = None,
+    payload: Payload | None = None,
+    *,
+    flags: int = 0,
+    sequence: int = 0,
+    max_frame_size: int = MAX_FRAME_SIZE,
+) -> list:
+    """Encode a whole frame as a list of buffers: ``[head, *payload_buffers]``."""
+    bufs = payload_buffers(payload)
+    head = encode_head(
+        frame_type,
+        app_id,
+        stream_id,
+        headers,
+        payload_length(bufs),
+        flags=flags,
+        sequence=sequence,
+        max_frame_size=max_frame_size,
+    )
+    return [head, *bufs]
+
+
+def check_prefix(length: int, header_len: int, max_frame_size: int) -> None:
+    """Raise ``CommError(BAD_DATA)`` if a prefix's sizes are impossible or over the limit."""
+    if length < PREFIX_LEN:
+        raise CommError(CommError.BAD_DATA, f"frame length {length} is below the 16-byte prefix")
+    if length > max_frame_size:
+        raise CommError(
+            CommError.BAD_DATA, f"frame length {length} exceeds the maximum frame size of {max_frame_size} bytes"
+        )
+    if header_len > length - PREFIX_LEN:
+        raise CommError(
+            CommError.BAD_DATA, f"header_len {header_len} exceeds the {length - PREFIX_LEN} bytes after the prefix"
+        )
+
+
+def decode_frame(frame: Buffer, max_frame_size: int = MAX_FRAME_SIZE) -> Frame:
+    """Decode one whole frame (as a message transport delivers it, or as FrameDecoder emits it).
+
+    Raises ``CommError(BAD_DATA)`` naming what is wrong if the frame is malformed.
+    """
+    view = memoryview(frame)
+    size = view.nbytes
+    if size < PREFIX_LEN:
+        raise CommError(CommError.BAD_DATA, f"frame of {size} bytes is shorter than the 16-byte prefix")
+    length, header_len, ftype, _reserved, flags, app_id, stream_id, sequence = PREFIX.unpack_from(view)
+    check_prefix(length, header_len, max_frame_size)
+    if length != size:
+        raise CommError(CommError.BAD_DATA, f"frame length field says {length} bytes but the frame has {size}")
+    headers = None
+    if header_len:
+        headers = decode_headers(view[PREFIX_LEN : PREFIX_LEN + header_len])
+    body = PREFIX_LEN + header_len
+    payload = view[body:] if size > body else None
+    return Frame(ftype, flags, app_id, stream_id, sequence, headers, payload)
+
+
+def decode_headers(data: Buffer) -> dict:
+    """Decode a msgpack header map; anything else is ``CommError(BAD_DATA)``."""
+    try:
+        headers = msgpack.unpackb(data)
+    except Exception as e:  # msgpack raises several unrelated types for bad input
+        raise CommError(CommError.BAD_DATA, f"headers are not valid msgpack: {type(e).__name__}: {e}") from None
+    if not isinstance(headers, dict):
+        raise CommError(CommError.BAD_DATA, f"headers must be a msgpack map, got {type(headers).__name__}")
+    return headers
+
+
+class FrameDecoder:
+    """Incremental decoder: bytes in, whole frames out.
+
+    Zero-copy use from an I/O layer::
+
+        n = sock.recv_into(decoder.get_buffer())
+        frames = decoder.buffer_updated(n)
+
+    Small frames are read many at a time into one reusable buffer and copied out once as
+    ``bytes``. A frame larger than ``large_frame`` gets its own ``bytearray`` sized from its
+    prefix, and :meth:`get_buffer` then hands out the rest of that buffer, so the payload is
+    received in place and never copied again.
+    """
+
+    def __init__(
+        self, max_frame_size: int = MAX_FRAME_SIZE, buffer_size: int = 256 * 1024, large_frame: int = 64 * 1024
+    ) -> None:
+        if large_frame >= buffer_size:
+            raise ValueError("large_frame must be below buffer_size")
+        self.max_frame_size = max_frame_size
+        self._large_frame = large_frame
+        self._buf = bytearray(buffer_size)
+        self._view = memoryview(self._buf)
+        self._start = 0
+        self._end = 0
+        self._large: bytearray | None = None
+        self._large_filled = 0
+
+    @property
+    def pending(self) -> int:
+        """Bytes received that do not yet make a whole frame (non-zero at EOF means a cut frame)."""
+        if self._large is not None:
+            return self._large_filled
+        return self._end - self._start
+
+    def get_buffer(self) -> memoryview:
+        """A writable, non-empty buffer to receive the next bytes into."""
+        if self._large is not None:
+            return memoryview(self._large)[self._large_filled :]
+        if len(self._buf) - self._end < self._large_frame:
+            # Room runs short: move the partial frame (at most large_frame bytes) to the front.
+            n = self._end - self._start
+            self._buf[:n] = self._view[self._start : self._end]
+            self._start, self._end = 0, n
+        return self._view[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> list:
+        """Account for ``nbytes`` written into the last :meth:`get_buffer`; return whole frames."""
+        if self._large is not None:
+            self._large_filled += nbytes
+            if self._large_filled < len(self._large):
+                return []
+            frame = self._large
+            self._large = None
+            return [frame]
+        self._end += nbytes
+        return self._parse()
+
+    def feed(self, data: Buffer) -> list:
+        """Decode a chunk of the stream (copies it in; prefer get_buffer/buffer_updated)."""
+        src = memoryview(data).cast("B")
+        frames: list = []
+        while src.nbytes:
+            dst = self.get_buffer()
+            n = min(dst.nbytes, src.nbytes)
+            dst[:n] = src[:n]
+            src = src[n:]
+            frames.extend(self.buffer_updated(n))
+        return frames
+
+    def _parse(self) -> list:
+        frames = []
+        view, start, end = self._view, self._start, self._end
+        unpack = _LEN_AND_HEADER_LEN.unpack_from
+        while end - start >= PREFIX_LEN:
+            length, header_len = unpack(view, start)
+            if length < PREFIX_LEN or length > self.max_frame_size or header_len > length - PREFIX_LEN:
+                self._start, self._end = start, end
+                check_prefix(length, header_len, self.max_frame_size)
+            if end - start >= length:
+                frames.append(bytes(view[start : start + length]))
+                start += length
+            elif length > self._large_frame:
+                have = end - start
+                large = bytearray(length)
+                large[:have] = view[start:end]
+                self._large, self._large_filled = large, have
+                start = end = 0
+                break
+            else:
+                break
+        if start == end:
+            start = end = 0
+        self._start, self._end = start, end
+        return frames
