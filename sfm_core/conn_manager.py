@@ -9,6 +9,7 @@ the handshake, heartbeat or the app's :class:`MessageReceiver`.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 import threading
@@ -39,13 +40,12 @@ class SfmEndpoint:
     def __init__(self, endpoint: Endpoint) -> None:
         self.endpoint = endpoint
         self.connections: list[SfmConnection] = []
-        self._stream_id = 16
-        self._lock = threading.Lock()
+        # next() on itertools.count is atomic under the GIL: no lock on the send path.
+        self._stream_ids = itertools.count(17)
 
     def next_stream_id(self) -> int:
-        with self._lock:
-            self._stream_id = (self._stream_id + 1) & 0xFFFF
-            return self._stream_id
+        """The next stream id: 17, 18, ... wrapping at 0xFFFF, as the original numbers them."""
+        return next(self._stream_ids) & 0xFFFF
 
     def pick_connection(self, stream_id: int) -> SfmConnection | None:
         conns = self.connections
@@ -77,10 +77,6 @@ class SfmConnection:
     def get_name(self) -> str:
         return self.conn.name
 
-    def next_seq(self) -> int:
-        self._seq = (self._seq + 1) & 0xFFFF
-        return self._seq
-
     def send_frame(
         self,
         frame_type: int,
@@ -89,21 +85,36 @@ class SfmConnection:
         headers: dict | None,
         payload: Payload | None,
     ) -> None:
-        """Encode a head and send ``[head, *payload]``; the payload is never copied."""
-        bufs = fr.payload_buffers(payload)
-        head = fr.encode_head(
-            frame_type,
-            app_id,
-            stream_id,
-            headers,
-            fr.payload_length(bufs),
-            max_frame_size=self.max_frame_size,
-        )
-        bufs.insert(0, head)
+        """Send one frame as ``[head, *payload]``: the payload is never copied.
+
+        This is the send hot path: the head is packed with one struct call under the lock that
+        also orders frames on the wire and numbers them.
+        """
+        if headers:
+            hb = fr.encode_headers(headers)
+        else:
+            hb = b""
+        if payload is None:
+            bufs = []
+            size = 0
+        elif type(payload) is bytes or type(payload) is bytearray:
+            bufs = [payload] if payload else []
+            size = len(payload)
+        else:
+            bufs = fr.payload_buffers(payload)
+            size = fr.payload_length(bufs)
+        length = fr.PREFIX_LEN + len(hb) + size
+        if length > self.max_frame_size:
+            raise CommError(
+                CommError.BAD_DATA,
+                f"frame of {length} bytes exceeds the maximum frame size of {self.max_frame_size} bytes",
+            )
+        pack = fr.PREFIX.pack
         with self._send_lock:
-            fr.stamp_sequence(head, self.next_seq())
+            self._seq = seq = (self._seq + 1) & 0xFFFF
+            head = pack(length, len(hb), frame_type, 0, 0, app_id, stream_id, seq)
             try:
-                self.conn.send_frame(bufs)
+                self.conn.send_frame([head + hb if hb else head, *bufs])
             except CommError:
                 raise
             except Exception as e:
@@ -524,23 +535,28 @@ class ConnManager(ConnMonitor):
         Thread-safe. ``payload`` may be bytes, bytearray, memoryview or a list of them; it is
         sent as it is, never copied into a frame buffer. Raises ``CommError``.
         """
+        sfm_ep = self.sfm_endpoints.get(endpoint.name)
+        if sfm_ep is None or sfm_ep.endpoint.state != EndpointState.READY or not sfm_ep.connections:
+            self._send_unusual(endpoint, app_id, headers, payload)
+            return
+        stream_id = next(sfm_ep._stream_ids) & 0xFFFF
+        conns = sfm_ep.connections
+        try:
+            conns[stream_id % len(conns)].send_frame(FrameType.DATA, app_id, stream_id, headers, payload)
+        except CommError as e:
+            raise CommError(e.code, f"sending to endpoint {endpoint.name!r}: {e.message}") from e
+
+    def _send_unusual(self, endpoint: Endpoint, app_id: int, headers: dict | None, payload: Payload | None) -> None:
         name = endpoint.name
         if name == self.local_endpoint.name:
             self.send_loopback_message(endpoint, app_id, headers, payload)
             return
         sfm_ep = self.sfm_endpoints.get(name)
-        if sfm_ep is None:
+        if sfm_ep is None or not sfm_ep.connections:
             raise CommError(CommError.CLOSED, f"no connection to endpoint {name!r}")
         if sfm_ep.endpoint.state != EndpointState.READY:
             raise CommError(CommError.NOT_READY, f"endpoint {name!r} is {sfm_ep.endpoint.state.name}, not READY")
-        stream_id = sfm_ep.next_stream_id()
-        sfm_conn = sfm_ep.pick_connection(stream_id)
-        if sfm_conn is None:
-            raise CommError(CommError.CLOSED, f"no connection to endpoint {name!r}")
-        try:
-            sfm_conn.send_frame(FrameType.DATA, app_id, stream_id, headers, payload)
-        except CommError as e:
-            raise CommError(e.code, f"sending to endpoint {name!r}: {e.message}") from e
+        self.send_message(endpoint, app_id, headers, payload)  # became ready meanwhile
 
     def send_loopback_message(
         self, endpoint: Endpoint, app_id: int, headers: dict | None, payload: Payload | None

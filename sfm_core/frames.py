@@ -94,20 +94,8 @@ def encode_head(
     bytearray so the sender can stamp the sequence number in at send time
     (:func:`stamp_sequence`), under the same lock that orders the frames on the wire.
     """
-    if headers:
-        try:
-            encoded = msgpack.packb(headers)
-        except (TypeError, ValueError, OverflowError) as e:
-            raise CommError(CommError.BAD_DATA, f"headers cannot be encoded with msgpack: {e}") from None
-        header_len = len(encoded)
-        if header_len > MAX_HEADER_LEN:
-            raise CommError(
-                CommError.BAD_DATA,
-                f"encoded headers are {header_len} bytes; the limit is {MAX_HEADER_LEN} (16-bit header_len)",
-            )
-    else:
-        encoded = b""
-        header_len = 0
+    encoded = encode_headers(headers) if headers else b""
+    header_len = len(encoded)
     length = PREFIX_LEN + header_len + payload_len
     if length > max_frame_size:
         raise CommError(
@@ -117,6 +105,20 @@ def encode_head(
     PREFIX.pack_into(head, 0, length, header_len, frame_type, 0, flags, app_id, stream_id & 0xFFFF, sequence)
     head[PREFIX_LEN:] = encoded
     return head
+
+
+def encode_headers(headers: dict) -> bytes:
+    """msgpack-encode a header map; ``CommError(BAD_DATA)`` if it cannot be or is too large."""
+    try:
+        encoded = msgpack.packb(headers)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise CommError(CommError.BAD_DATA, f"headers cannot be encoded with msgpack: {e}") from None
+    if len(encoded) > MAX_HEADER_LEN:
+        raise CommError(
+            CommError.BAD_DATA,
+            f"encoded headers are {len(encoded)} bytes; the limit is {MAX_HEADER_LEN} (16-bit header_len)",
+        )
+    return encoded
 
 
 def stamp_sequence(head: bytearray, sequence: int) -> None:

@@ -1,0 +1,136 @@
+"""The child-process side of ``sfm bench``: receives, echoes or listens, and reports as JSON lines.
+
+Run as ``python -m sfm_core.bench.peer ROLE ...``; it prints one JSON line when ready (with the
+URL or port to use) and one with its result. It exits when its stdin closes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import socket
+import sys
+import threading
+import time
+
+from . import raw
+
+
+def emit(**data: object) -> None:
+    sys.stdout.write(json.dumps(data) + "\n")
+    sys.stdout.flush()
+
+
+def raise_nofile() -> int:
+    """Raise the open-files limit as far as the machine allows; return it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def wait_stdin_closed() -> None:
+    sys.stdin.read()
+
+
+# -- raw sockets -----------------------------------------------------------------------
+
+
+def raw_server(mode: str, count: int) -> None:
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    emit(port=srv.getsockname()[1])
+    conn, _ = srv.accept()
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    srv.close()
+    try:
+        if mode == "recv":
+            raw.recv_message(conn)
+            start = time.perf_counter()
+            for _ in range(count - 1):
+                raw.recv_message(conn)
+            elapsed = time.perf_counter() - start
+            emit(count=count - 1, elapsed=elapsed)
+        else:  # echo until the peer closes
+            while True:
+                try:
+                    msg = raw.recv_message(conn)
+                except ConnectionError:
+                    break
+                raw.send_message(conn, bytes(msg))
+    finally:
+        conn.close()
+    wait_stdin_closed()
+
+
+# -- sfm -------------------------------------------------------------------------------
+
+
+def sfm_server(mode: str, url: str, count: int) -> None:
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    from sfm_core import ConnManager, Endpoint, MessageReceiver, Mode
+
+    raise_nofile()
+    manager = ConnManager(Endpoint("bench-server"), handshake_timeout=60.0)
+    done = threading.Event()
+    state = {"n": 0, "start": 0.0, "end": 0.0}
+
+    class Counter(MessageReceiver):
+        def process_message(self, endpoint, connection, app_id, message) -> None:  # noqa: ANN001
+            n = state["n"] + 1
+            state["n"] = n
+            if n == 1:
+                state["start"] = time.perf_counter()
+            elif n == count:
+                state["end"] = time.perf_counter()
+                done.set()
+
+    class Echo(MessageReceiver):
+        def process_message(self, endpoint, connection, app_id, message) -> None:  # noqa: ANN001
+            manager.send_message(endpoint, app_id, message.headers, message.payload)
+
+    manager.register_message_receiver(1, Counter() if mode == "recv" else Echo())
+    handle = manager.add_connector(url, {}, Mode.PASSIVE)
+    manager.start()
+    emit(url=manager.wait_listening(handle, 30))
+    try:
+        if mode == "recv":
+            done.wait()
+            emit(count=count - 1, elapsed=state["end"] - state["start"])
+            wait_stdin_closed()
+        elif mode == "listen":
+            # Fan-in: report on request ("stats" line), until stdin closes.
+            import psutil
+
+            proc = psutil.Process()
+            for line in sys.stdin:
+                if line.strip() == "stats":
+                    ready = len(manager.sfm_endpoints)
+                    emit(ready=ready, rss=proc.memory_info().rss, threads=threading.active_count())
+        else:
+            wait_stdin_closed()
+    finally:
+        manager.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m sfm_core.bench.peer")
+    ap.add_argument("role", choices=["raw-recv", "raw-echo", "sfm-recv", "sfm-echo", "sfm-listen"])
+    ap.add_argument("--url", default="tcp://127.0.0.1:0")
+    ap.add_argument("--count", type=int, default=0)
+    args = ap.parse_args(argv)
+    kind, mode = args.role.split("-")
+    if kind == "raw":
+        raw_server(mode, args.count)
+    else:
+        sfm_server(mode, args.url, args.count)
+    os._exit(0)  # skip interpreter teardown: the measurement is done
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,258 @@
+"""Parent-side workloads of ``sfm bench``: each returns measured numbers, nothing is assumed."""
+
+from __future__ import annotations
+
+import json
+import select
+import statistics
+import struct
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+from . import raw
+from .peer import raise_nofile
+
+_LEN = struct.Struct(">I")
+
+
+class PeerProcess:
+    """A ``python -m sfm_core.bench.peer`` child speaking JSON lines."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sfm_core.bench.peer", *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    def read(self, timeout: float = 120.0) -> dict:
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        if not ready:
+            raise TimeoutError(f"bench peer {self.proc.args[3:]} said nothing for {timeout} s")
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"bench peer {self.proc.args[3:]} exited with {self.proc.wait()}")
+        return json.loads(line)
+
+    def write(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def close(self) -> None:
+        try:
+            if self.proc.stdin:
+                self.proc.stdin.close()
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        finally:
+            if self.proc.stdout:
+                self.proc.stdout.close()
+
+    def __enter__(self) -> PeerProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def percentiles(samples: list[float]) -> dict:
+    samples = sorted(samples)
+    p99 = samples[min(len(samples) - 1, int(len(samples) * 0.99))]
+    return {"p50_us": statistics.median(samples) * 1e6, "p99_us": p99 * 1e6}
+
+
+# -- raw sockets -------------------------------------------------------------------------
+
+
+def _raw_connect(port: int):  # noqa: ANN202
+    import socket
+
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def raw_oneway(size: int, count: int) -> float:
+    """Seconds the receiver took for ``count - 1`` messages after the first."""
+    payload = b"x" * size
+    with PeerProcess("raw-recv", "--count", str(count)) as peer:
+        sock = _raw_connect(peer.read()["port"])
+        try:
+            if size <= 64 * 1024:
+                for _ in range(count):
+                    sock.sendall(_LEN.pack(size) + payload)  # one send per message
+            else:
+                for _ in range(count):
+                    raw.send_large(sock, payload)
+            result = peer.read()
+        finally:
+            sock.close()
+    return result["elapsed"]
+
+
+def raw_rtt(size: int, count: int) -> dict:
+    payload = b"x" * size
+    with PeerProcess("raw-echo") as peer:
+        sock = _raw_connect(peer.read()["port"])
+        try:
+            samples = []
+            for _ in range(count):
+                t0 = time.perf_counter()
+                raw.send_message(sock, payload)
+                raw.recv_message(sock)
+                samples.append(time.perf_counter() - t0)
+        finally:
+            sock.close()
+    return percentiles(samples[count // 10 :])
+
+
+# -- sfm over a driver -------------------------------------------------------------------
+
+
+def _client(url: str, name: str = "bench-client") -> Any:
+    from sfm_core import ConnManager, Endpoint, Mode
+
+    manager = ConnManager(Endpoint(name))
+    manager.add_connector(url, {}, Mode.ACTIVE)
+    return manager
+
+
+def _wait_ready(manager: Any, name: str, timeout: float = 30.0) -> Any:
+    from sfm_core import EndpointState
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ep = manager.find_endpoint(name)
+        if ep is not None and ep.state == EndpointState.READY:
+            return ep
+        time.sleep(0.005)
+    raise TimeoutError(f"{name} not READY after {timeout} s")
+
+
+def sfm_oneway(scheme: str, size: int, count: int) -> float:
+    payload = b"x" * size
+    with PeerProcess("sfm-recv", "--url", f"{scheme}://127.0.0.1:0", "--count", str(count)) as peer:
+        url = peer.read()["url"]
+        manager = _client(url)
+        manager.start()
+        try:
+            server = _wait_ready(manager, "bench-server")
+            send = manager.send_message
+            for _ in range(count):
+                send(server, 1, None, payload)
+            result = peer.read()
+        finally:
+            manager.stop()
+    return result["elapsed"]
+
+
+def sfm_rtt(scheme: str, size: int, count: int) -> dict:
+    from sfm_core import MessageReceiver
+
+    payload = b"x" * size
+    samples: list[float] = []
+    done = threading.Event()
+    with PeerProcess("sfm-echo", "--url", f"{scheme}://127.0.0.1:0") as peer:
+        url = peer.read()["url"]
+        manager = _client(url)
+        state = {"t0": 0.0}
+
+        class PingPong(MessageReceiver):
+            # Driven from the receiver, as a request/response app would be: no extra thread hop.
+            def process_message(self, endpoint, connection, app_id, message) -> None:  # noqa: ANN001
+                now = time.perf_counter()
+                samples.append(now - state["t0"])
+                if len(samples) >= count:
+                    done.set()
+                    return
+                state["t0"] = time.perf_counter()
+                manager.send_message(endpoint, 1, None, payload)
+
+        manager.register_message_receiver(1, PingPong())
+        manager.start()
+        try:
+            server = _wait_ready(manager, "bench-server")
+            state["t0"] = time.perf_counter()
+            manager.send_message(server, 1, None, payload)
+            if not done.wait(120):
+                raise TimeoutError("ping-pong did not finish")
+        finally:
+            manager.stop()
+    return percentiles(samples[count // 10 :])
+
+
+def tcp_fanin(url: str, count: int, timeout: float) -> dict:
+    """``count`` light TCP clients, each speaking HELLO through the codec and waiting for READY."""
+    import selectors
+    import socket
+
+    from sfm_core.frames import FrameDecoder, FrameType, decode_frame, encode_frame
+    from sfm_core.handshake import build_handshake
+    from sfm_core.url import parse_url
+
+    raise_nofile()
+    params = parse_url(url)
+    addr = (params.get("host", "127.0.0.1"), params["port"])
+    sel = selectors.DefaultSelector()
+    socks = []
+    ready = 0
+    start = time.perf_counter()
+    deadline = time.monotonic() + timeout
+    try:
+        for i in range(count):
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(addr)
+            socks.append(s)
+            hello = b"".join(encode_frame(FrameType.HELLO, 0, 1, None, build_handshake(f"fan-{i}", {})))
+            sel.register(s, selectors.EVENT_WRITE, [hello, FrameDecoder(buffer_size=4096, large_frame=2048)])
+        while ready < count and time.monotonic() < deadline:
+            for key, events in sel.select(0.5):
+                s = key.fileobj
+                hello, decoder = key.data
+                if events & selectors.EVENT_WRITE and hello:
+                    try:
+                        s.send(hello)
+                    except OSError:
+                        continue
+                    key.data[0] = b""
+                    sel.modify(s, selectors.EVENT_READ, key.data)
+                elif events & selectors.EVENT_READ:
+                    try:
+                        data = s.recv(4096)
+                    except OSError:
+                        continue
+                    for frame in decoder.feed(data):
+                        if decode_frame(frame).type == FrameType.READY:
+                            ready += 1
+                            sel.unregister(s)
+        seconds = time.perf_counter() - start
+    finally:
+        sel.close()
+        for s in socks:
+            s.close()
+    return {"ready": ready, "seconds": seconds}
+
+
+def sfm_fanin(scheme: str, count: int, timeout: float, clients: Any) -> dict:
+    """Fan-in against a real ConnManager listener in a child process."""
+    with PeerProcess("sfm-listen", "--url", f"{scheme}://127.0.0.1:0") as peer:
+        url = peer.read()["url"]
+        result = clients(url, count, timeout)
+        # The listener may still be finishing its side of the last handshakes.
+        stats: dict = {}
+        for _ in range(50):
+            peer.write("stats")
+            stats = peer.read()
+            if stats["ready"] >= result["ready"]:
+                break
+            time.sleep(0.1)
+    return {**result, "rss": stats.get("rss", 0), "threads": stats.get("threads", 0)}

@@ -1,0 +1,115 @@
+"""Test helpers: waiting for conditions, collecting messages, and a raw-socket SFM peer."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from typing import Any, Callable
+
+from sfm_core import Endpoint, EndpointMonitor, EndpointState, Message, MessageReceiver
+from sfm_core.frames import FrameDecoder, FrameType, decode_frame, encode_frame
+from sfm_core.handshake import build_handshake
+from sfm_core.url import parse_url
+
+
+def wait_until(cond: Callable[[], Any], timeout: float = 5.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(0.005)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def wait_ready(manager: Any, name: str, timeout: float = 5.0) -> Endpoint:
+    def ready() -> Endpoint | None:
+        ep = manager.find_endpoint(name)
+        return ep if ep is not None and ep.state == EndpointState.READY else None
+
+    return wait_until(ready, timeout, f"{name} READY")
+
+
+class Collector(MessageReceiver):
+    """Keeps every message it receives (payload copied to bytes, or None)."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.messages: list[tuple[str, int, dict | None, bytes | None, type]] = []
+        self.lock = threading.Lock()
+        self.delay = delay
+        self.gate: threading.Event | None = None
+
+    def process_message(self, endpoint: Endpoint, connection: Any, app_id: int, message: Message) -> None:
+        if self.gate is not None:
+            self.gate.wait(30)
+        if self.delay:
+            time.sleep(self.delay)
+        payload = message.payload
+        with self.lock:
+            self.messages.append(
+                (endpoint.name, app_id, message.headers, None if payload is None else bytes(payload), type(payload))
+            )
+
+    def wait_for(self, n: int, timeout: float = 10.0) -> list:
+        wait_until(lambda: len(self.messages) >= n, timeout, f"{n} messages (have {len(self.messages)})")
+        return list(self.messages)
+
+
+class StateLog(EndpointMonitor):
+    def __init__(self) -> None:
+        self.events: list[tuple[str, EndpointState]] = []
+
+    def state_change(self, endpoint: Endpoint) -> None:
+        self.events.append((endpoint.name, endpoint.state))
+
+
+class RawPeer:
+    """A bare TCP socket speaking SFM through the sans-I/O codec (for bad-input tests)."""
+
+    def __init__(self, url: str, timeout: float = 5.0) -> None:
+        params = parse_url(url)
+        self.sock = socket.create_connection((params.get("host", "127.0.0.1"), params["port"]), timeout=timeout)
+        self.decoder = FrameDecoder()
+        self.frames: list = []
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def send_frame(self, ftype: int, app_id: int = 0, stream_id: int = 1, headers: dict | None = None,
+                   payload: bytes | None = None, sequence: int = 1) -> None:
+        self.send(b"".join(encode_frame(ftype, app_id, stream_id, headers, payload, sequence=sequence)))
+
+    def hello(self, name: str, properties: dict | None = None) -> None:
+        self.send_frame(FrameType.HELLO, payload=build_handshake(name, properties))
+
+    def read_frame(self, timeout: float = 5.0):  # noqa: ANN201
+        self.sock.settimeout(timeout)
+        while not self.frames:
+            data = self.sock.recv(65536)
+            if not data:
+                raise ConnectionError("peer closed")
+            self.frames.extend(self.decoder.feed(data))
+        return decode_frame(self.frames.pop(0))
+
+    def is_closed_by_peer(self, timeout: float = 5.0) -> bool:
+        """True once the other side closes the connection (reads and drops frames meanwhile)."""
+        self.sock.settimeout(timeout)
+        try:
+            while True:
+                data = self.sock.recv(65536)
+                if not data:
+                    return True
+        except (ConnectionResetError, BrokenPipeError):
+            return True
+        except TimeoutError:
+            return False
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> RawPeer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
