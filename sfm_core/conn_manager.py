@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import logging
 import random
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -31,7 +32,8 @@ from .url import parse_url
 
 log = logging.getLogger(__name__)
 
-_PING_PAYLOAD = b"\xc0"  # msgpack nil, as the original sends
+_PING_PAYLOAD = b"\xc0"
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*$")  # msgpack nil, as the original sends
 
 
 class SfmEndpoint:
@@ -229,7 +231,7 @@ class ConnManager(ConnMonitor):
         params = dict(params or {})
         mode = Mode(mode)
         if isinstance(driver, str):
-            if "://" in driver:
+            if "://" in driver or not _SCHEME.match(driver):
                 params = {**parse_url(driver), **params}
                 scheme = params["scheme"]
             else:

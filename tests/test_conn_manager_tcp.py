@@ -1,0 +1,413 @@
+"""ConnManager over the real TCP driver: handshake, messages, monitors, heartbeats, errors."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from helpers import Collector, RawPeer, StateLog, wait_ready, wait_until
+
+from sfm_core import (
+    CommError,
+    ConnManager,
+    Endpoint,
+    EndpointState,
+    FrameType,
+    Mode,
+    get_plugin_manager,
+    hookimpl,
+)
+from sfm_core.frames import PREFIX
+
+
+@pytest.fixture
+def managers():
+    """Factory for started-later ConnManagers; every one is stopped at teardown."""
+    made: list[ConnManager] = []
+
+    def make(name: str, properties: dict | None = None, **kwargs) -> ConnManager:  # noqa: ANN003
+        m = ConnManager(Endpoint(name, properties), **kwargs)
+        made.append(m)
+        return m
+
+    yield make
+    for m in made:
+        m.stop()
+
+
+def listen(manager: ConnManager, url: str = "tcp://127.0.0.1:0") -> str:
+    handle = manager.add_connector(url, {}, Mode.PASSIVE)
+    manager.start()
+    return manager.wait_listening(handle, 5)
+
+
+def pair(managers, server_kw: dict | None = None, client_kw: dict | None = None):  # noqa: ANN001, ANN201
+    server = managers("server", {"role": "server"}, **(server_kw or {}))
+    client = managers("site-1", {"role": "client", "n": 1}, **(client_kw or {}))
+    url = listen(server)
+    client.add_connector(url, {}, Mode.ACTIVE)
+    client.start()
+    return server, client, wait_ready(client, "server"), wait_ready(server, "site-1")
+
+
+def test_handshake_exchanges_names_properties_and_connection_details(managers) -> None:  # noqa: ANN001
+    server, client, to_server, to_client = pair(managers)
+    assert to_server.properties["role"] == "server"
+    assert to_client.properties["role"] == "client" and to_client.properties["n"] == 1
+    assert "endpoint_name" not in to_client.properties
+    assert to_client.conn_props["peer_addr"].startswith("127.0.0.1:")
+    assert to_client.conn_props["local_addr"] == server.connectors["CH00001"].url.removeprefix("tcp://")
+    assert [c.conn.name for c in client.get_connections("server")] != []
+    assert client.get_connections("nobody") is None
+
+
+def test_messages_both_ways_with_all_header_types_and_payload_types(managers) -> None:  # noqa: ANN001
+    server, client, to_server, to_client = pair(managers)
+    got_s, got_c = Collector(), Collector()
+    server.register_message_receiver(5, got_s)
+    client.register_message_receiver(5, got_c)
+    headers = {"s": "str", "i": -7, "b": b"\x00\xff", "l": [1, "a", b"z"], "d": {"k": [1, 2]}}
+    client.send_message(to_server, 5, headers, b"bytes")
+    client.send_message(to_server, 5, None, bytearray(b"bytearray"))
+    client.send_message(to_server, 5, {}, memoryview(b"view"))
+    client.send_message(to_server, 5, None, [b"li", bytearray(b"st"), memoryview(b"!")])
+    client.send_message(to_server, 5, None, b"")
+    client.send_message(to_server, 5, None, None)
+    server.send_message(to_client, 5, headers, b"back")
+    msgs = got_s.wait_for(6)
+    assert [(m[2], m[3]) for m in msgs] == [
+        (headers, b"bytes"),
+        (None, b"bytearray"),
+        (None, b"view"),
+        (None, b"list!"),
+        (None, None),  # no bytes on the wire means None, as in the original
+        (None, None),
+    ]
+    assert {m[4] for m in msgs if m[3] is not None} == {memoryview}  # one payload type on every driver
+    assert got_c.wait_for(1)[0][:4] == ("server", 5, headers, b"back")
+
+
+def test_order_is_kept_per_connection_and_nothing_is_lost(managers) -> None:  # noqa: ANN001
+    server, client, to_server, _ = pair(managers)
+    got = Collector()
+    server.register_message_receiver(1, got)
+    n = 20_000
+    for i in range(n):
+        client.send_message(to_server, 1, None, i.to_bytes(4, "big"))
+    msgs = got.wait_for(n, timeout=30)
+    assert [int.from_bytes(m[3], "big") for m in msgs] == list(range(n))
+
+
+def test_large_messages_both_ways(managers) -> None:  # noqa: ANN001
+    server, client, to_server, to_client = pair(managers)
+    got_s, got_c = Collector(), Collector()
+    server.register_message_receiver(1, got_s)
+    client.register_message_receiver(1, got_c)
+    big = bytes(range(256)) * (40 * 1024 + 7)  # ~10 MiB, not a multiple of any buffer size
+    client.send_message(to_server, 1, {"n": 1}, big)
+    server.send_message(to_client, 1, {"n": 2}, memoryview(big)[1:])
+    assert got_s.wait_for(1)[0][3] == big
+    assert got_c.wait_for(1)[0][3] == big[1:]
+
+
+def test_concurrent_senders_are_thread_safe(managers) -> None:  # noqa: ANN001
+    server, client, to_server, _ = pair(managers)
+    got = Collector()
+    server.register_message_receiver(1, got)
+    per_thread = 2000
+
+    def send(tag: int) -> None:
+        for i in range(per_thread):
+            client.send_message(to_server, 1, {"t": tag}, i.to_bytes(4, "big"))
+
+    threads = [threading.Thread(target=send, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    msgs = got.wait_for(4 * per_thread, timeout=30)
+    for tag in range(4):
+        seq = [int.from_bytes(m[3], "big") for m in msgs if m[2]["t"] == tag]
+        assert seq == list(range(per_thread))  # each sender's order survives
+
+
+def test_loopback_message_to_ourselves(managers) -> None:  # noqa: ANN001
+    m = managers("solo")
+    got = Collector()
+    m.register_message_receiver(3, got)
+    m.start()
+    me = m.find_endpoint("solo")
+    m.send_message(me, 3, {"a": 1}, [b"lo", b"op"])
+    m.send_message(me, 3, None, b"")
+    assert [x[:4] for x in got.wait_for(2)] == [("solo", 3, {"a": 1}, b"loop"), ("solo", 3, None, None)]
+
+
+def test_endpoint_monitors_and_plugin_hooks_see_ready_and_disconnected(managers) -> None:  # noqa: ANN001
+    events: list = []
+
+    class Observer:
+        @hookimpl
+        def sfm_endpoint_state_changed(self, manager, endpoint) -> None:  # noqa: ANN001
+            events.append(("endpoint", manager.local_endpoint.name, endpoint.name, endpoint.state))
+
+        @hookimpl
+        def sfm_connection_state_changed(self, manager, connection) -> None:  # noqa: ANN001
+            events.append(("conn", manager.local_endpoint.name, connection.state.value))
+
+    observer = Observer()
+    get_plugin_manager().register(observer)
+    try:
+        server = managers("server")
+        log = StateLog()
+        server.add_endpoint_monitor(log)
+        url = listen(server)
+        client = managers("site-1")
+        client.add_connector(url, {}, Mode.ACTIVE)
+        client.start()
+        wait_ready(server, "site-1")
+        client.stop()
+        wait_until(lambda: ("site-1", EndpointState.DISCONNECTED) in log.events, what="DISCONNECTED")
+        assert log.events == [("site-1", EndpointState.READY), ("site-1", EndpointState.DISCONNECTED)]
+        assert server.find_endpoint("site-1") is None
+        assert ("endpoint", "server", "site-1", EndpointState.READY) in events
+        assert ("conn", "server", "connected") in events and ("conn", "server", "closed") in events
+    finally:
+        get_plugin_manager().unregister(observer)
+
+
+def test_active_connector_reconnects_after_the_server_comes_back(managers) -> None:  # noqa: ANN001
+    server = managers("server")
+    url = listen(server)
+    port = int(url.rsplit(":", 1)[1])
+    client = managers("site-1", reconnect_min=0.05, reconnect_max=0.2)
+    client.add_connector(url, {}, Mode.ACTIVE)
+    client.start()
+    wait_ready(client, "server")
+    server.stop()
+    wait_until(lambda: client.find_endpoint("server") is None, what="server gone")
+    server2 = managers("server")
+    listen(server2, f"tcp://127.0.0.1:{port}")
+    ep = wait_ready(client, "server", timeout=10)
+    got = Collector()
+    server2.register_message_receiver(1, got)
+    client.send_message(ep, 1, None, b"again")
+    assert got.wait_for(1)[0][3] == b"again"
+
+
+def test_passive_side_serves_many_connections_at_once(managers) -> None:  # noqa: ANN001
+    server = managers("server")
+    got = Collector()
+    server.register_message_receiver(1, got)
+    url = listen(server)
+    clients = []
+    for i in range(20):
+        c = managers(f"site-{i}")
+        c.add_connector(url, {}, Mode.ACTIVE)
+        c.start()
+        clients.append(c)
+    for c in clients:
+        c.send_message(wait_ready(c, "server"), 1, None, c.local_endpoint.name.encode())
+    names = {m[3] for m in got.wait_for(20)}
+    assert names == {f"site-{i}".encode() for i in range(20)}
+    assert len(server.sfm_endpoints) == 20
+
+
+def test_remove_endpoint_and_remove_connector(managers) -> None:  # noqa: ANN001
+    server = managers("server")
+    handle = server.add_connector("tcp://127.0.0.1:0", {}, Mode.PASSIVE)
+    server.start()
+    url = server.wait_listening(handle)
+    client = managers("site-1", reconnect_min=5, reconnect_max=5)
+    client.add_connector(url, {}, Mode.ACTIVE)
+    client.start()
+    wait_ready(server, "site-1")
+    server.remove_endpoint("site-1")
+    wait_until(lambda: server.find_endpoint("site-1") is None, what="endpoint removed")
+    server.remove_connector(handle)
+    with pytest.raises(CommError, match="no connector with handle"):
+        server.get_connector(handle)
+
+
+def test_send_errors_name_the_endpoint(managers) -> None:  # noqa: ANN001
+    m = managers("site-1")
+    m.start()
+    with pytest.raises(CommError, match="no connection to endpoint 'ghost'") as err:
+        m.send_message(Endpoint("ghost"), 1, None, b"x")
+    assert err.value.code == CommError.CLOSED
+
+
+def test_headers_too_large_raise_before_anything_is_sent(managers) -> None:  # noqa: ANN001
+    server, client, to_server, _ = pair(managers)
+    got = Collector()
+    server.register_message_receiver(1, got)
+    with pytest.raises(CommError, match="limit is 65535") as err:
+        client.send_message(to_server, 1, {"h": "x" * 70_000}, b"")
+    assert err.value.code == CommError.BAD_DATA
+    client.send_message(to_server, 1, None, b"still fine")
+    assert got.wait_for(1)[0][3] == b"still fine"
+
+
+def test_message_over_the_configured_maximum_is_refused(managers) -> None:  # noqa: ANN001
+    server, client, to_server, _ = pair(managers, client_kw={"max_frame_size": 1024})
+    with pytest.raises(CommError, match="exceeds the maximum frame size of 1024"):
+        client.send_message(to_server, 1, None, b"x" * 2000)
+
+
+def test_heartbeats_keep_a_quiet_connection_alive(managers) -> None:  # noqa: ANN001
+    fast = {"heartbeat_interval": 0.2, "heartbeat_check": 0.05}
+    server, client, to_server, _ = pair(managers, server_kw=fast, client_kw=fast)
+    conn = client.get_connections("server")[0]
+    time.sleep(1.5)  # several intervals of silence from the application
+    assert client.get_connections("server")[0] is conn  # still the same, live connection
+    assert conn.last_ping > 0  # we pinged ...
+    assert time.monotonic() - conn.last_activity < 0.6  # ... and the peer's PONG/PING arrived
+
+
+def test_a_silent_peer_is_closed_as_dead(managers) -> None:  # noqa: ANN001
+    server = managers("server", heartbeat_interval=0.2, heartbeat_check=0.05, dead_after=3)
+    url = listen(server)
+    with RawPeer(url) as peer:
+        peer.hello("mute")
+        assert peer.read_frame().type == FrameType.READY
+        wait_ready(server, "mute")
+        # The peer answers no PING: after 3 silent intervals the server closes it.
+        assert peer.is_closed_by_peer(timeout=5)
+    wait_until(lambda: server.find_endpoint("mute") is None, what="dead peer removed")
+
+
+def test_a_peer_that_never_handshakes_is_closed(managers) -> None:  # noqa: ANN001
+    server = managers("server", handshake_timeout=0.3, heartbeat_check=0.05)
+    url = listen(server)
+    with RawPeer(url) as peer:
+        assert peer.is_closed_by_peer(timeout=5)
+
+
+def test_ping_is_answered_with_pong(managers) -> None:  # noqa: ANN001
+    server = managers("server")
+    url = listen(server)
+    with RawPeer(url) as peer:
+        peer.hello("pinger")
+        peer.read_frame()
+        peer.send_frame(FrameType.PING, stream_id=17, payload=b"\xc0", sequence=2)
+        pong = peer.read_frame()
+        assert pong.type == FrameType.PONG and bytes(pong.payload) == b"\xc0"
+
+
+@pytest.mark.parametrize(
+    ("bad", "what"),
+    [
+        (PREFIX.pack(10, 0, 1, 0, 0, 1, 17, 2), "length below 16"),
+        (PREFIX.pack(2**31 - 1, 0, 1, 0, 0, 1, 17, 2), "length above the maximum"),
+        (PREFIX.pack(20, 9, 1, 0, 0, 1, 17, 2) + b"\0" * 4, "header_len beyond the frame"),
+        (PREFIX.pack(18, 2, 1, 0, 0, 1, 17, 2) + b"\xc1\xc1", "headers that are not msgpack"),
+    ],
+)
+def test_a_malformed_frame_closes_only_that_connection(managers, bad: bytes, what: str) -> None:  # noqa: ANN001
+    server, client, to_server, _ = pair(managers)
+    got = Collector()
+    server.register_message_receiver(1, got)
+    with RawPeer(server.connectors["CH00001"].url) as peer:
+        peer.hello("vandal")
+        peer.read_frame()
+        peer.send(bad)
+        assert peer.is_closed_by_peer(), what
+    client.send_message(to_server, 1, None, b"unaffected")  # the good connection keeps working
+    assert got.wait_for(1)[0][3] == b"unaffected"
+    assert server.find_endpoint("vandal") is None
+
+
+@pytest.mark.parametrize(
+    ("hello", "what"),
+    [
+        ({"timestamp": 1.0}, "no endpoint_name"),
+        ({"endpoint_name": "server"}, "our own name"),
+    ],
+)
+def test_a_bad_handshake_is_refused_and_others_go_on(managers, hello: dict, what: str) -> None:  # noqa: ANN001
+    import msgpack
+
+    server, client, to_server, _ = pair(managers)
+    with RawPeer(server.connectors["CH00001"].url) as peer:
+        peer.send_frame(FrameType.HELLO, payload=msgpack.packb(hello))
+        assert peer.is_closed_by_peer(), what
+    assert wait_ready(client, "server") is to_server
+
+
+def test_data_before_handshake_closes_the_connection(managers) -> None:  # noqa: ANN001
+    server = managers("server")
+    url = listen(server)
+    with RawPeer(url) as peer:
+        peer.send_frame(FrameType.DATA, app_id=1, stream_id=17, payload=b"early")
+        assert peer.is_closed_by_peer()
+
+
+def test_a_peer_that_vanishes_mid_frame_affects_only_its_connection(managers, caplog) -> None:  # noqa: ANN001
+    server, client, to_server, _ = pair(managers)
+    got = Collector()
+    server.register_message_receiver(1, got)
+    with RawPeer(server.connectors["CH00001"].url) as peer:
+        peer.hello("flaky")
+        peer.read_frame()
+        wait_ready(server, "flaky")
+        frame = PREFIX.pack(16 + 1000, 0, 1, 0, 0, 1, 17, 2) + b"x" * 300
+        peer.send(frame)  # 300 of 1000 payload bytes, then gone
+    wait_until(lambda: server.find_endpoint("flaky") is None, what="flaky removed")
+    assert "closed in the middle of a frame" in caplog.text
+    client.send_message(to_server, 1, None, b"ok")
+    assert [m[3] for m in got.wait_for(1)] == [b"ok"]  # the half frame was never delivered
+
+
+def test_unknown_scheme_and_bad_config_are_clear(managers) -> None:  # noqa: ANN001
+    m = managers("site-1")
+    with pytest.raises(CommError, match="no driver for scheme 'nosuch'") as err:
+        m.add_connector("nosuch://host:1", {}, Mode.ACTIVE)
+    assert err.value.code == CommError.NOT_SUPPORTED
+    with pytest.raises(CommError, match="not a connector URL"):
+        m.add_connector("tcp:/oops", {}, Mode.ACTIVE)
+    with pytest.raises(CommError, match="invalid endpoint name"):
+        ConnManager(Endpoint("bad name"))
+
+
+def test_listening_on_a_busy_port_reports_the_error(managers) -> None:  # noqa: ANN001
+    first = managers("server")
+    url = listen(first)
+    second = managers("other")
+    handle = second.add_connector(url, {}, Mode.PASSIVE)
+    second.start()
+    with pytest.raises(CommError, match="cannot listen on 127.0.0.1"):
+        second.wait_listening(handle, 5)
+
+
+def test_slow_receiver_slows_the_sender_instead_of_growing_memory(managers) -> None:  # noqa: ANN001
+    server, client, to_server, _ = pair(managers, server_kw={"queue_frames": 4, "queue_bytes": 1 << 20})
+    got = Collector()
+    got.gate = threading.Event()  # the receiver is stuck until we open the gate
+    server.register_message_receiver(1, got)
+    chunk = b"x" * (256 * 1024)
+    sent = []
+
+    def sender() -> None:
+        for i in range(400):  # 100 MiB in all: far more than socket buffers and queues hold
+            client.send_message(to_server, 1, {"i": i}, chunk)
+            sent.append(i)
+
+    t = threading.Thread(target=sender)
+    t.start()
+    time.sleep(1.5)
+    # Unchecked, all 400 go out in well under a second. Held back, only what the kernel's
+    # socket buffers and the 1 MiB receive queue take (a few MiB) is sent.
+    assert len(sent) < 80, f"sender was not held back ({len(sent)} of 400 sent)"
+    got.gate.set()
+    t.join(30)
+    msgs = got.wait_for(400, timeout=30)
+    assert [m[2]["i"] for m in msgs] == list(range(400))
+
+
+def test_stop_closes_everything_and_is_idempotent(managers) -> None:  # noqa: ANN001
+    server, client, *_ = pair(managers)
+    client.stop()
+    server.stop()
+    server.stop()
+    with pytest.raises(CommError, match="stopped"):
+        server.add_connector("tcp://127.0.0.1:0", {}, Mode.PASSIVE)
