@@ -5,19 +5,21 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import statistics
 import sys
 import threading
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from .conn_manager import ConnManager
+from .driver import Mode
 from .endpoint import Endpoint, EndpointMonitor, EndpointState
 from .errors import CommError
 from .message import Message, MessageReceiver
 from .registry import get_registry
-from .driver import Mode
 
 #: Schemes that need certificates; the demo cannot run them without a PKI.
 SECURE_SCHEMES = {"stcp", "grpcs", "wss", "https"}
@@ -30,7 +32,7 @@ def _out(line: str = "") -> None:
 
 def _table(rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -264,6 +266,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for e in entries:
         _out(f"  {e.scheme:<6} {e.distribution} {e.version}  {e.status}{': ' + e.error if e.error else ''}")
     schemes = [e.scheme for e in entries if e.status == "ok" and e.scheme not in SECURE_SCHEMES]
+    only = os.environ.get("SFM_DEMO_SCHEMES")
+    if only:  # e.g. tests that want one transport
+        schemes = [s for s in schemes if s in only.split(",")]
     if not schemes:
         _out("no usable driver installed")
         return 1

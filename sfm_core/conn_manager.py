@@ -214,6 +214,7 @@ class ConnManager(ConnMonitor):
         self.null_conn = NullConnection()
 
         self._lock = threading.RLock()
+        self._ready = threading.Condition(self._lock)
         self._handle_seq = 0
         self._threads: dict[str, threading.Thread] = {}
         self._stop_event = threading.Event()
@@ -487,7 +488,9 @@ class ConnManager(ConnMonitor):
             log.debug("%s: no receiver for app_id %d; message dropped", self.local_endpoint.name, frame.app_id)
             return
         try:
-            receiver.process_message(sfm_ep.endpoint, sfm_conn.conn, frame.app_id, Message(frame.headers, frame.payload))
+            receiver.process_message(
+                sfm_ep.endpoint, sfm_conn.conn, frame.app_id, Message(frame.headers, frame.payload)
+            )
         except Exception:  # the app's bug is the app's; the connection goes on
             log.exception("%s: receiver for app_id %d failed", self.local_endpoint.name, frame.app_id)
 
@@ -496,9 +499,7 @@ class ConnManager(ConnMonitor):
             raise CommError(CommError.BAD_DATA, f"second handshake frame ({FrameType(frame.type).name})")
         expected = FrameType.HELLO if sfm_conn.mode == Mode.PASSIVE else FrameType.READY
         if frame.type != expected:
-            raise CommError(
-                CommError.BAD_DATA, f"got {FrameType(frame.type).name} where {expected.name} was expected"
-            )
+            raise CommError(CommError.BAD_DATA, f"got {FrameType(frame.type).name} where {expected.name} was expected")
         hello = parse_handshake(frame.payload, self.local_endpoint.name)
         offered = sfm_conn.conn.offered_extensions()
         if frame.type == FrameType.HELLO:
@@ -526,6 +527,7 @@ class ConnManager(ConnMonitor):
             sfm_conn.sfm_endpoint = sfm_ep
             changed = sfm_ep.endpoint.state != EndpointState.READY
             sfm_ep.endpoint.state = EndpointState.READY
+            self._ready.notify_all()
         if changed:
             self.notify_monitors(sfm_ep.endpoint)
 
@@ -612,6 +614,19 @@ class ConnManager(ConnMonitor):
             return self.local_endpoint
         sfm_ep = self.sfm_endpoints.get(name)
         return sfm_ep.endpoint if sfm_ep else None
+
+    def wait_for_endpoint(self, name: str, timeout: float | None = 10.0) -> Endpoint:
+        """Block until endpoint ``name`` is READY and return it; ``CommError(TIMEOUT)`` if not."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._ready:
+            while True:
+                ep = self.find_endpoint(name)
+                if ep is not None and ep.state == EndpointState.READY:
+                    return ep
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise CommError(CommError.TIMEOUT, f"endpoint {name!r} not READY within {timeout} s")
+                self._ready.wait(left)
 
     def get_connections(self, name: str) -> list[SfmConnection] | None:
         """The SFM connections to endpoint ``name``, or None if it is not connected."""

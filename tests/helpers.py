@@ -5,7 +5,8 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from sfm_core import Endpoint, EndpointMonitor, EndpointState, Message, MessageReceiver
 from sfm_core.frames import FrameDecoder, FrameType, decode_frame, encode_frame
@@ -76,14 +77,21 @@ class RawPeer:
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
 
-    def send_frame(self, ftype: int, app_id: int = 0, stream_id: int = 1, headers: dict | None = None,
-                   payload: bytes | None = None, sequence: int = 1) -> None:
+    def send_frame(
+        self,
+        ftype: int,
+        app_id: int = 0,
+        stream_id: int = 1,
+        headers: dict | None = None,
+        payload: bytes | None = None,
+        sequence: int = 1,
+    ) -> None:
         self.send(b"".join(encode_frame(ftype, app_id, stream_id, headers, payload, sequence=sequence)))
 
     def hello(self, name: str, properties: dict | None = None) -> None:
         self.send_frame(FrameType.HELLO, payload=build_handshake(name, properties))
 
-    def read_frame(self, timeout: float = 5.0):  # noqa: ANN201
+    def read_frame(self, timeout: float = 5.0):
         self.sock.settimeout(timeout)
         while not self.frames:
             data = self.sock.recv(65536)

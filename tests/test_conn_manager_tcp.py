@@ -26,7 +26,7 @@ def managers():
     """Factory for started-later ConnManagers; every one is stopped at teardown."""
     made: list[ConnManager] = []
 
-    def make(name: str, properties: dict | None = None, **kwargs) -> ConnManager:  # noqa: ANN003
+    def make(name: str, properties: dict | None = None, **kwargs) -> ConnManager:
         m = ConnManager(Endpoint(name, properties), **kwargs)
         made.append(m)
         return m
@@ -42,7 +42,7 @@ def listen(manager: ConnManager, url: str = "tcp://127.0.0.1:0") -> str:
     return manager.wait_listening(handle, 5)
 
 
-def pair(managers, server_kw: dict | None = None, client_kw: dict | None = None):  # noqa: ANN001, ANN201
+def pair(managers, server_kw: dict | None = None, client_kw: dict | None = None):
     server = managers("server", {"role": "server"}, **(server_kw or {}))
     client = managers("site-1", {"role": "client", "n": 1}, **(client_kw or {}))
     url = listen(server)
@@ -51,7 +51,7 @@ def pair(managers, server_kw: dict | None = None, client_kw: dict | None = None)
     return server, client, wait_ready(client, "server"), wait_ready(server, "site-1")
 
 
-def test_handshake_exchanges_names_properties_and_connection_details(managers) -> None:  # noqa: ANN001
+def test_handshake_exchanges_names_properties_and_connection_details(managers) -> None:
     server, client, to_server, to_client = pair(managers)
     assert to_server.properties["role"] == "server"
     assert to_client.properties["role"] == "client" and to_client.properties["n"] == 1
@@ -62,7 +62,7 @@ def test_handshake_exchanges_names_properties_and_connection_details(managers) -
     assert client.get_connections("nobody") is None
 
 
-def test_messages_both_ways_with_all_header_types_and_payload_types(managers) -> None:  # noqa: ANN001
+def test_messages_both_ways_with_all_header_types_and_payload_types(managers) -> None:
     server, client, to_server, to_client = pair(managers)
     got_s, got_c = Collector(), Collector()
     server.register_message_receiver(5, got_s)
@@ -88,7 +88,7 @@ def test_messages_both_ways_with_all_header_types_and_payload_types(managers) ->
     assert got_c.wait_for(1)[0][:4] == ("server", 5, headers, b"back")
 
 
-def test_order_is_kept_per_connection_and_nothing_is_lost(managers) -> None:  # noqa: ANN001
+def test_order_is_kept_per_connection_and_nothing_is_lost(managers) -> None:
     server, client, to_server, _ = pair(managers)
     got = Collector()
     server.register_message_receiver(1, got)
@@ -99,7 +99,7 @@ def test_order_is_kept_per_connection_and_nothing_is_lost(managers) -> None:  # 
     assert [int.from_bytes(m[3], "big") for m in msgs] == list(range(n))
 
 
-def test_large_messages_both_ways(managers) -> None:  # noqa: ANN001
+def test_large_messages_both_ways(managers) -> None:
     server, client, to_server, to_client = pair(managers)
     got_s, got_c = Collector(), Collector()
     server.register_message_receiver(1, got_s)
@@ -111,7 +111,7 @@ def test_large_messages_both_ways(managers) -> None:  # noqa: ANN001
     assert got_c.wait_for(1)[0][3] == big[1:]
 
 
-def test_concurrent_senders_are_thread_safe(managers) -> None:  # noqa: ANN001
+def test_concurrent_senders_are_thread_safe(managers) -> None:
     server, client, to_server, _ = pair(managers)
     got = Collector()
     server.register_message_receiver(1, got)
@@ -132,7 +132,7 @@ def test_concurrent_senders_are_thread_safe(managers) -> None:  # noqa: ANN001
         assert seq == list(range(per_thread))  # each sender's order survives
 
 
-def test_loopback_message_to_ourselves(managers) -> None:  # noqa: ANN001
+def test_loopback_message_to_ourselves(managers) -> None:
     m = managers("solo")
     got = Collector()
     m.register_message_receiver(3, got)
@@ -143,16 +143,16 @@ def test_loopback_message_to_ourselves(managers) -> None:  # noqa: ANN001
     assert [x[:4] for x in got.wait_for(2)] == [("solo", 3, {"a": 1}, b"loop"), ("solo", 3, None, None)]
 
 
-def test_endpoint_monitors_and_plugin_hooks_see_ready_and_disconnected(managers) -> None:  # noqa: ANN001
+def test_endpoint_monitors_and_plugin_hooks_see_ready_and_disconnected(managers) -> None:
     events: list = []
 
     class Observer:
         @hookimpl
-        def sfm_endpoint_state_changed(self, manager, endpoint) -> None:  # noqa: ANN001
+        def sfm_endpoint_state_changed(self, manager, endpoint) -> None:
             events.append(("endpoint", manager.local_endpoint.name, endpoint.name, endpoint.state))
 
         @hookimpl
-        def sfm_connection_state_changed(self, manager, connection) -> None:  # noqa: ANN001
+        def sfm_connection_state_changed(self, manager, connection) -> None:
             events.append(("conn", manager.local_endpoint.name, connection.state.value))
 
     observer = Observer()
@@ -176,7 +176,7 @@ def test_endpoint_monitors_and_plugin_hooks_see_ready_and_disconnected(managers)
         get_plugin_manager().unregister(observer)
 
 
-def test_active_connector_reconnects_after_the_server_comes_back(managers) -> None:  # noqa: ANN001
+def test_active_connector_reconnects_after_the_server_comes_back(managers) -> None:
     server = managers("server")
     url = listen(server)
     port = int(url.rsplit(":", 1)[1])
@@ -195,7 +195,7 @@ def test_active_connector_reconnects_after_the_server_comes_back(managers) -> No
     assert got.wait_for(1)[0][3] == b"again"
 
 
-def test_passive_side_serves_many_connections_at_once(managers) -> None:  # noqa: ANN001
+def test_passive_side_serves_many_connections_at_once(managers) -> None:
     server = managers("server")
     got = Collector()
     server.register_message_receiver(1, got)
@@ -213,7 +213,7 @@ def test_passive_side_serves_many_connections_at_once(managers) -> None:  # noqa
     assert len(server.sfm_endpoints) == 20
 
 
-def test_remove_endpoint_and_remove_connector(managers) -> None:  # noqa: ANN001
+def test_remove_endpoint_and_remove_connector(managers) -> None:
     server = managers("server")
     handle = server.add_connector("tcp://127.0.0.1:0", {}, Mode.PASSIVE)
     server.start()
@@ -229,7 +229,7 @@ def test_remove_endpoint_and_remove_connector(managers) -> None:  # noqa: ANN001
         server.get_connector(handle)
 
 
-def test_send_errors_name_the_endpoint(managers) -> None:  # noqa: ANN001
+def test_send_errors_name_the_endpoint(managers) -> None:
     m = managers("site-1")
     m.start()
     with pytest.raises(CommError, match="no connection to endpoint 'ghost'") as err:
@@ -237,7 +237,7 @@ def test_send_errors_name_the_endpoint(managers) -> None:  # noqa: ANN001
     assert err.value.code == CommError.CLOSED
 
 
-def test_headers_too_large_raise_before_anything_is_sent(managers) -> None:  # noqa: ANN001
+def test_headers_too_large_raise_before_anything_is_sent(managers) -> None:
     server, client, to_server, _ = pair(managers)
     got = Collector()
     server.register_message_receiver(1, got)
@@ -248,13 +248,13 @@ def test_headers_too_large_raise_before_anything_is_sent(managers) -> None:  # n
     assert got.wait_for(1)[0][3] == b"still fine"
 
 
-def test_message_over_the_configured_maximum_is_refused(managers) -> None:  # noqa: ANN001
+def test_message_over_the_configured_maximum_is_refused(managers) -> None:
     server, client, to_server, _ = pair(managers, client_kw={"max_frame_size": 1024})
     with pytest.raises(CommError, match="exceeds the maximum frame size of 1024"):
         client.send_message(to_server, 1, None, b"x" * 2000)
 
 
-def test_heartbeats_keep_a_quiet_connection_alive(managers) -> None:  # noqa: ANN001
+def test_heartbeats_keep_a_quiet_connection_alive(managers) -> None:
     fast = {"heartbeat_interval": 0.2, "heartbeat_check": 0.05}
     server, client, to_server, _ = pair(managers, server_kw=fast, client_kw=fast)
     conn = client.get_connections("server")[0]
@@ -264,7 +264,7 @@ def test_heartbeats_keep_a_quiet_connection_alive(managers) -> None:  # noqa: AN
     assert time.monotonic() - conn.last_activity < 0.6  # ... and the peer's PONG/PING arrived
 
 
-def test_a_silent_peer_is_closed_as_dead(managers) -> None:  # noqa: ANN001
+def test_a_silent_peer_is_closed_as_dead(managers) -> None:
     server = managers("server", heartbeat_interval=0.2, heartbeat_check=0.05, dead_after=3)
     url = listen(server)
     with RawPeer(url) as peer:
@@ -276,14 +276,14 @@ def test_a_silent_peer_is_closed_as_dead(managers) -> None:  # noqa: ANN001
     wait_until(lambda: server.find_endpoint("mute") is None, what="dead peer removed")
 
 
-def test_a_peer_that_never_handshakes_is_closed(managers) -> None:  # noqa: ANN001
+def test_a_peer_that_never_handshakes_is_closed(managers) -> None:
     server = managers("server", handshake_timeout=0.3, heartbeat_check=0.05)
     url = listen(server)
     with RawPeer(url) as peer:
         assert peer.is_closed_by_peer(timeout=5)
 
 
-def test_ping_is_answered_with_pong(managers) -> None:  # noqa: ANN001
+def test_ping_is_answered_with_pong(managers) -> None:
     server = managers("server")
     url = listen(server)
     with RawPeer(url) as peer:
@@ -303,7 +303,7 @@ def test_ping_is_answered_with_pong(managers) -> None:  # noqa: ANN001
         (PREFIX.pack(18, 2, 1, 0, 0, 1, 17, 2) + b"\xc1\xc1", "headers that are not msgpack"),
     ],
 )
-def test_a_malformed_frame_closes_only_that_connection(managers, bad: bytes, what: str) -> None:  # noqa: ANN001
+def test_a_malformed_frame_closes_only_that_connection(managers, bad: bytes, what: str) -> None:
     server, client, to_server, _ = pair(managers)
     got = Collector()
     server.register_message_receiver(1, got)
@@ -324,7 +324,7 @@ def test_a_malformed_frame_closes_only_that_connection(managers, bad: bytes, wha
         ({"endpoint_name": "server"}, "our own name"),
     ],
 )
-def test_a_bad_handshake_is_refused_and_others_go_on(managers, hello: dict, what: str) -> None:  # noqa: ANN001
+def test_a_bad_handshake_is_refused_and_others_go_on(managers, hello: dict, what: str) -> None:
     import msgpack
 
     server, client, to_server, _ = pair(managers)
@@ -334,7 +334,7 @@ def test_a_bad_handshake_is_refused_and_others_go_on(managers, hello: dict, what
     assert wait_ready(client, "server") is to_server
 
 
-def test_data_before_handshake_closes_the_connection(managers) -> None:  # noqa: ANN001
+def test_data_before_handshake_closes_the_connection(managers) -> None:
     server = managers("server")
     url = listen(server)
     with RawPeer(url) as peer:
@@ -342,7 +342,7 @@ def test_data_before_handshake_closes_the_connection(managers) -> None:  # noqa:
         assert peer.is_closed_by_peer()
 
 
-def test_a_peer_that_vanishes_mid_frame_affects_only_its_connection(managers, caplog) -> None:  # noqa: ANN001
+def test_a_peer_that_vanishes_mid_frame_affects_only_its_connection(managers, caplog) -> None:
     server, client, to_server, _ = pair(managers)
     got = Collector()
     server.register_message_receiver(1, got)
@@ -358,7 +358,7 @@ def test_a_peer_that_vanishes_mid_frame_affects_only_its_connection(managers, ca
     assert [m[3] for m in got.wait_for(1)] == [b"ok"]  # the half frame was never delivered
 
 
-def test_unknown_scheme_and_bad_config_are_clear(managers) -> None:  # noqa: ANN001
+def test_unknown_scheme_and_bad_config_are_clear(managers) -> None:
     m = managers("site-1")
     with pytest.raises(CommError, match="no driver for scheme 'nosuch'") as err:
         m.add_connector("nosuch://host:1", {}, Mode.ACTIVE)
@@ -369,7 +369,7 @@ def test_unknown_scheme_and_bad_config_are_clear(managers) -> None:  # noqa: ANN
         ConnManager(Endpoint("bad name"))
 
 
-def test_listening_on_a_busy_port_reports_the_error(managers) -> None:  # noqa: ANN001
+def test_listening_on_a_busy_port_reports_the_error(managers) -> None:
     first = managers("server")
     url = listen(first)
     second = managers("other")
@@ -379,7 +379,7 @@ def test_listening_on_a_busy_port_reports_the_error(managers) -> None:  # noqa: 
         second.wait_listening(handle, 5)
 
 
-def test_slow_receiver_slows_the_sender_instead_of_growing_memory(managers) -> None:  # noqa: ANN001
+def test_slow_receiver_slows_the_sender_instead_of_growing_memory(managers) -> None:
     server, client, to_server, _ = pair(managers, server_kw={"queue_frames": 4, "queue_bytes": 1 << 20})
     got = Collector()
     got.gate = threading.Event()  # the receiver is stuck until we open the gate
@@ -404,7 +404,7 @@ def test_slow_receiver_slows_the_sender_instead_of_growing_memory(managers) -> N
     assert [m[2]["i"] for m in msgs] == list(range(400))
 
 
-def test_stop_closes_everything_and_is_idempotent(managers) -> None:  # noqa: ANN001
+def test_stop_closes_everything_and_is_idempotent(managers) -> None:
     server, client, *_ = pair(managers)
     client.stop()
     server.stop()

@@ -19,7 +19,13 @@ def test_valid_names(name: str) -> None:
 
 @pytest.mark.parametrize(
     ("name", "why"),
-    [("", "non-empty"), ("a..b", "dot-separated part"), ("a b", "dot-separated part"), ("x.y.x", "repeated"), (3, "non-empty string")],
+    [
+        ("", "non-empty"),
+        ("a..b", "dot-separated part"),
+        ("a b", "dot-separated part"),
+        ("x.y.x", "repeated"),
+        (3, "non-empty string"),
+    ],
 )
 def test_invalid_names(name: object, why: str) -> None:
     with pytest.raises(CommError, match=why) as err:

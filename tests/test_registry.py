@@ -66,7 +66,7 @@ def _driver(module: str, cls: str, scheme: str, dist: str) -> str:
     return DRIVER_SRC.format(cls=cls, scheme=scheme, dist=dist)
 
 
-def test_unknown_scheme_names_scheme_known_schemes_and_package(site) -> None:  # noqa: ANN001
+def test_unknown_scheme_names_scheme_known_schemes_and_package(site) -> None:
     site("fake-a", {"foo": "fake_a:FooDriver"}, "fake_a", _driver("fake_a", "FooDriver", "foo", "fake-a"))
     reg = DriverRegistry(GROUP)
     with pytest.raises(CommError) as err:
@@ -77,7 +77,7 @@ def test_unknown_scheme_names_scheme_known_schemes_and_package(site) -> None:  #
         reg.get_driver_class("nope")
 
 
-def test_a_driver_that_fails_to_import_is_reported_and_breaks_nothing_else(site) -> None:  # noqa: ANN001
+def test_a_driver_that_fails_to_import_is_reported_and_breaks_nothing_else(site) -> None:
     site("fake-broken", {"bad": "fake_broken:Driver"}, "fake_broken", "raise RuntimeError('boom at import')\n")
     site("fake-a", {"foo": "fake_a:FooDriver"}, "fake_a", _driver("fake_a", "FooDriver", "foo", "fake-a"))
     reg = DriverRegistry(GROUP)
@@ -90,14 +90,14 @@ def test_a_driver_that_fails_to_import_is_reported_and_breaks_nothing_else(site)
     assert status == {"bad": "failed", "foo": "ok"}
 
 
-def test_an_entry_point_that_is_not_a_driver_is_refused(site) -> None:  # noqa: ANN001
+def test_an_entry_point_that_is_not_a_driver_is_refused(site) -> None:
     site("fake-notdriver", {"odd": "fake_notdriver:thing"}, "fake_notdriver", "def thing():\n    pass\n")
     reg = DriverRegistry(GROUP)
     with pytest.raises(CommError, match="is not a subclass of sfm_core.Driver"):
         reg.get_driver_class("odd")
 
 
-def test_duplicate_schemes_follow_the_documented_rule(site, monkeypatch) -> None:  # noqa: ANN001
+def test_duplicate_schemes_follow_the_documented_rule(site, monkeypatch) -> None:
     site("zeta-dist", {"dup": "fake_z:ZDriver"}, "fake_z", _driver("fake_z", "ZDriver", "dup", "zeta-dist"))
     site("alpha-dist", {"dup": "fake_al:ADriver"}, "fake_al", _driver("fake_al", "ADriver", "dup", "alpha-dist"))
     reg = DriverRegistry(GROUP)
@@ -114,13 +114,13 @@ def test_duplicate_schemes_follow_the_documented_rule(site, monkeypatch) -> None
     assert reg2.get_driver_class("dup").__name__ == "ADriver"
 
 
-def test_the_official_package_wins_a_shared_scheme(site) -> None:  # noqa: ANN001
+def test_the_official_package_wins_a_shared_scheme(site) -> None:
     site("aaa-tcp", {"tcp": "fake_aaa:ADriver"}, "fake_aaa", _driver("fake_aaa", "ADriver", "tcp", "aaa-tcp"))
     site("sfm-driver-tcp", {"tcp": "fake_off:TDriver"}, "fake_off", _driver("fake_off", "TDriver", "tcp", "x"))
     assert DriverRegistry(GROUP).get_driver_class("tcp").__name__ == "TDriver"
 
 
-def test_in_process_registration_wins_and_can_be_undone(site) -> None:  # noqa: ANN001
+def test_in_process_registration_wins_and_can_be_undone(site) -> None:
     site("fake-a", {"foo": "fake_a:FooDriver"}, "fake_a", _driver("fake_a", "FooDriver", "foo", "fake-a"))
 
     class Mine(Driver):
@@ -132,10 +132,10 @@ def test_in_process_registration_wins_and_can_be_undone(site) -> None:  # noqa: 
         def capabilities() -> dict:
             return {}
 
-        def listen(self, connector) -> None:  # noqa: ANN001
+        def listen(self, connector) -> None:
             pass
 
-        def connect(self, connector) -> None:  # noqa: ANN001
+        def connect(self, connector) -> None:
             pass
 
     reg = DriverRegistry(GROUP)
@@ -150,7 +150,7 @@ def test_in_process_registration_wins_and_can_be_undone(site) -> None:  # noqa: 
         reg.register("x", object)  # type: ignore[arg-type]
 
 
-def test_loading_a_driver_registers_its_module_as_a_plugin(site) -> None:  # noqa: ANN001
+def test_loading_a_driver_registers_its_module_as_a_plugin(site) -> None:
     site("fake-a", {"foo": "fake_a:FooDriver"}, "fake_a", _driver("fake_a", "FooDriver", "foo", "fake-a"))
     cls = DriverRegistry(GROUP).get_driver_class("foo")
     module = sys.modules["fake_a"]

@@ -81,7 +81,7 @@ def sfm_server(mode: str, url: str, count: int) -> None:
     state = {"n": 0, "start": 0.0, "end": 0.0}
 
     class Counter(MessageReceiver):
-        def process_message(self, endpoint, connection, app_id, message) -> None:  # noqa: ANN001
+        def process_message(self, endpoint, connection, app_id, message) -> None:
             n = state["n"] + 1
             state["n"] = n
             if n == 1:
@@ -91,7 +91,7 @@ def sfm_server(mode: str, url: str, count: int) -> None:
                 done.set()
 
     class Echo(MessageReceiver):
-        def process_message(self, endpoint, connection, app_id, message) -> None:  # noqa: ANN001
+        def process_message(self, endpoint, connection, app_id, message) -> None:
             manager.send_message(endpoint, app_id, message.headers, message.payload)
 
     manager.register_message_receiver(1, Counter() if mode == "recv" else Echo())

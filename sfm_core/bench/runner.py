@@ -6,8 +6,9 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any
 
 from . import workloads as wl
 
@@ -117,7 +118,10 @@ def run(schemes: list[str], plan: Plan, progress: Callable[[str], None]) -> list
             def b_rtt(base: Any = base, bname: str = bname, vals: dict = base_vals) -> list:
                 r = base.run("rtt", 100, plan.rtt_count)
                 vals["p50"], vals["p99"] = r["p50_us"], r["p99_us"]
-                return [Result(bname, "rtt_p50", 100, r["p50_us"], "us"), Result(bname, "rtt_p99", 100, r["p99_us"], "us")]
+                return [
+                    Result(bname, "rtt_p50", 100, r["p50_us"], "us"),
+                    Result(bname, "rtt_p99", 100, r["p99_us"], "us"),
+                ]
 
             steps.append((f"{bname}: 100 B message rate", b_rate))
             steps.append((f"{bname}: 1 MiB throughput", b_tput(MiB, plan.mib1_count)))
@@ -218,7 +222,7 @@ def table(results: list[Result]) -> str:
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 

@@ -72,7 +72,7 @@ def percentiles(samples: list[float]) -> dict:
 # -- raw sockets -------------------------------------------------------------------------
 
 
-def _raw_connect(port: int):  # noqa: ANN202
+def _raw_connect(port: int):
     import socket
 
     sock = socket.create_connection(("127.0.0.1", port))
@@ -167,7 +167,7 @@ def sfm_rtt(scheme: str, size: int, count: int) -> dict:
 
         class PingPong(MessageReceiver):
             # Driven from the receiver, as a request/response app would be: no extra thread hop.
-            def process_message(self, endpoint, connection, app_id, message) -> None:  # noqa: ANN001
+            def process_message(self, endpoint, connection, app_id, message) -> None:
                 now = time.perf_counter()
                 samples.append(now - state["t0"])
                 if len(samples) >= count:

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from helpers import Collector, wait_ready, wait_until  # noqa: E402
-from peer import free_port  # noqa: E402
+from helpers import Collector, wait_ready, wait_until
+from peer import free_port
 
-from sfm_core import ConnManager, Endpoint, Mode  # noqa: E402
+from sfm_core import ConnManager, Endpoint, Mode
 
 HEADERS = {"s": "text", "i": 42, "neg": -3, "b": b"\x00\x01", "l": [1, "two", b"3"], "d": {"k": "v", "n": [1]}}
 FIVE_MIB = bytes(range(256)) * (5 * 4096)
@@ -22,7 +22,7 @@ FIVE_MIB = bytes(range(256)) * (5 * 4096)
 def sfm_manager():
     made: list[ConnManager] = []
 
-    def make(name: str, **kwargs) -> ConnManager:  # noqa: ANN003
+    def make(name: str, **kwargs) -> ConnManager:
         m = ConnManager(Endpoint(name, {"impl": "sfm"}), **kwargs)
         made.append(m)
         return m
@@ -32,7 +32,7 @@ def sfm_manager():
         m.stop()
 
 
-def _exchange(ours: ConnManager, nv, our_name: str, their_name: str) -> None:  # noqa: ANN001
+def _exchange(ours: ConnManager, nv, our_name: str, their_name: str) -> None:
     got = Collector()
     ours.register_message_receiver(1, got)
     their_ep = wait_ready(ours, their_name, timeout=15)
@@ -73,7 +73,7 @@ def _heartbeat_survives(ours: ConnManager, their_name: str) -> None:
     assert time.monotonic() - conn.last_activity < 0.9
 
 
-def test_nvflare_connects_to_our_tcp_listener(nvflare_peer_factory, sfm_manager) -> None:  # noqa: ANN001
+def test_nvflare_connects_to_our_tcp_listener(nvflare_peer_factory, sfm_manager) -> None:
     ours = sfm_manager("server", heartbeat_interval=0.3, heartbeat_check=0.05)
     handle = ours.add_connector("tcp://127.0.0.1:0", {}, Mode.PASSIVE)
     ours.start()
@@ -85,7 +85,7 @@ def test_nvflare_connects_to_our_tcp_listener(nvflare_peer_factory, sfm_manager)
     _heartbeat_survives(ours, "site-1")
 
 
-def test_we_connect_to_an_nvflare_tcp_listener(nvflare_peer_factory, sfm_manager) -> None:  # noqa: ANN001
+def test_we_connect_to_an_nvflare_tcp_listener(nvflare_peer_factory, sfm_manager) -> None:
     nv = nvflare_peer_factory("server", app_ids=[1], properties={"impl": "nvflare"}, heartbeat=0.5)
     url = nv.listen("tcp", port=free_port())
     nv.start()

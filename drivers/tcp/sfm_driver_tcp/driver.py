@@ -27,7 +27,9 @@ def _param(params: dict, key: str, kind: type, default: Any) -> Any:
     try:
         return kind(value)
     except (TypeError, ValueError):
-        raise CommError(CommError.BAD_CONFIG, f"tcp driver: parameter {key}={value!r} is not a {kind.__name__}") from None
+        raise CommError(
+            CommError.BAD_CONFIG, f"tcp driver: parameter {key}={value!r} is not a {kind.__name__}"
+        ) from None
 
 
 class _Listener:

@@ -1,0 +1,469 @@
+"""The gRPC driver over real gRPC on 127.0.0.1: sfm to sfm, bad peers, limits, batching, cleanup."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import pytest
+from helpers import Collector, wait_ready, wait_until
+from sfm_driver_grpc import GrpcDriver, wire
+from sfm_driver_grpc.bench import GrpcBaseline
+from sfm_driver_grpc.connection import BATCH_EXTENSION
+from sfm_driver_grpc.driver import METHOD_PATH
+from sfm_driver_grpc.proto import streamer_pb2
+
+from sfm_core import CommError, ConnManager, Endpoint, EndpointState, Mode
+from sfm_core.aio import acquire_loop, release_loop
+from sfm_core.driver import ConnectorInfo
+from sfm_core.frames import PREFIX, FrameType, decode_frame, encode_frame
+from sfm_core.handshake import build_handshake
+
+MIB = 1024 * 1024
+
+
+def _warm_grpc() -> None:
+    """Start grpc.aio's process-global poller thread (``Thread-N (_poll_wrapper)``) and fds once."""
+    lt = acquire_loop()
+    try:
+
+        async def touch() -> None:
+            server = grpc.aio.server()
+            server.add_insecure_port("127.0.0.1:0")
+            await server.start()
+            await server.stop(0)
+            channel = grpc.aio.insecure_channel("127.0.0.1:1")
+            await channel.close()
+
+        lt.run(touch(), 10)
+    finally:
+        release_loop()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def grpc_globals():
+    # Module scope runs before the per-test leak check, so grpc's process-global poller
+    # thread is already there and not counted as a leak of the first test.
+    _warm_grpc()
+    yield
+
+
+class Pair:
+    """A listening ConnManager "server" and a connecting "site-1", both READY."""
+
+    def __init__(self, server_query: str = "", client_query: str = "", **server_kwargs) -> None:
+        self.server = ConnManager(Endpoint("server", {"role": "srv"}), **server_kwargs)
+        self.client = ConnManager(Endpoint("site-1", {"org": "a"}))
+        self.server_rx = Collector()
+        self.client_rx = Collector()
+        self.server.register_message_receiver(1, self.server_rx)
+        self.client.register_message_receiver(1, self.client_rx)
+        h = self.server.add_connector(f"grpc://127.0.0.1:0{server_query}", {}, Mode.PASSIVE)
+        self.server.start()
+        self.url = self.server.wait_listening(h)
+        self.client.add_connector(f"{self.url}{client_query}", {}, Mode.ACTIVE)
+        self.client.start()
+        self.to_server = wait_ready(self.client, "server")
+        self.to_client = wait_ready(self.server, "site-1")
+
+    def conns(self):
+        return self.client.get_connections("server")[0].conn, self.server.get_connections("site-1")[0].conn
+
+    def stop(self) -> None:
+        self.client.stop()
+        self.server.stop()
+
+
+@pytest.fixture
+def pair():
+    p = Pair()
+    yield p
+    p.stop()
+
+
+class RawGrpcPeer:
+    """A bare grpc.aio stream to a listener, speaking SFM through the sans-I/O codec."""
+
+    def __init__(self, url: str) -> None:
+        self.lt = acquire_loop()
+        self.target = url.split("://", 1)[1]
+
+        async def open_():
+            channel = grpc.aio.insecure_channel(self.target, options=[("grpc.use_local_subchannel_pool", 1)])
+            return channel, channel.stream_stream(METHOD_PATH)()
+
+        self.channel, self.call = self.lt.run(open_(), 10)
+
+    def send_raw(self, message: bytes) -> None:
+        self.lt.run(self.call.write(message), 10)
+
+    def send_data(self, data: bytes) -> None:
+        self.send_raw(streamer_pb2.Frame(seq=1, data=data).SerializeToString())
+
+    def send_frame(self, ftype: int, payload: bytes | None = None, app_id: int = 0, headers=None) -> None:
+        self.send_data(b"".join(encode_frame(ftype, app_id, 1, headers, payload, sequence=1)))
+
+    def hello(self, name: str) -> None:
+        self.send_frame(FrameType.HELLO, build_handshake(name, {}))
+
+    def read(self, timeout: float = 5.0):
+        msg = self.lt.run(self.call.read(), timeout)
+        if msg is grpc.aio.EOF:
+            return None
+        return streamer_pb2.Frame.FromString(msg).data
+
+    def status(self, timeout: float = 5.0) -> tuple[grpc.StatusCode, str]:
+        async def st():
+            return await self.call.code(), await self.call.details()
+
+        return self.lt.run(st(), timeout)
+
+    def close(self) -> None:
+        async def close_():
+            self.call.cancel()
+            await self.channel.close()
+
+        try:
+            self.lt.run(close_(), 10)
+        finally:
+            release_loop()
+
+
+@pytest.fixture
+def raw_peers():
+    peers: list[RawGrpcPeer] = []
+
+    def make(url: str) -> RawGrpcPeer:
+        p = RawGrpcPeer(url)
+        peers.append(p)
+        return p
+
+    yield make
+    for p in peers:
+        p.close()
+
+
+# -- the Frame codec --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seq", [0, 1, 127, 128, 300, 2**31 - 1, -1, -(2**31)])
+@pytest.mark.parametrize("size", [0, 1, 16, 127, 128, 70000])
+def test_wire_codec_matches_generated_protobuf(seq, size):
+    data = os.urandom(size)
+    ours = wire.encode(seq, [data[: size // 2], memoryview(data)[size // 2 :]])
+    reference = streamer_pb2.Frame(seq=seq, data=data).SerializeToString()
+    assert ours == reference
+    got_seq, got_data = wire.decode(reference)
+    assert (got_seq, bytes(got_data)) == (seq, data)
+
+
+def test_wire_decode_skips_unknown_fields_and_names_bad_input():
+    msg = b"\x1d\x01\x02\x03\x04" + streamer_pb2.Frame(seq=5, data=b"abc").SerializeToString() + b"\x20\x07"
+    assert wire.decode(msg)[0] == 5 and bytes(wire.decode(msg)[1]) == b"abc"
+    with pytest.raises(CommError, match="says 100 bytes but only 3 follow"):
+        wire.decode(b"\x12\x64abc")
+    with pytest.raises(CommError, match="cut inside a varint"):
+        wire.decode(b"\x08\xff")
+    with pytest.raises(CommError, match="unsupported wire type"):
+        wire.decode(b"\x0b")
+
+
+# -- sfm to sfm -------------------------------------------------------------------------------
+
+
+def test_messages_both_ways_with_properties(pair):
+    headers = {"s": "x", "i": 7, "b": b"\x00", "l": [1, "2"], "d": {"k": 1}}
+    pair.client.send_message(pair.to_server, 1, headers, b"up")
+    pair.server.send_message(pair.to_client, 1, headers, b"down")
+    pair.client.send_message(pair.to_server, 1, None, None)
+    assert pair.server_rx.wait_for(2)[:2] == [
+        ("site-1", 1, headers, b"up", memoryview),
+        ("site-1", 1, None, None, type(None)),
+    ]
+    assert pair.client_rx.wait_for(1) == [("server", 1, headers, b"down", memoryview)]
+    assert pair.to_server.properties["role"] == "srv" and pair.to_client.properties["org"] == "a"
+    client_conn, server_conn = pair.conns()
+    # gRPC's view of the peer: the client's address on the server, the target on the client.
+    assert server_conn.get_conn_properties()["peer_addr"].startswith("ipv4:127.0.0.1:")
+    assert client_conn.get_conn_properties()["peer_addr"] == "ipv4:" + pair.url.split("://")[1]
+    assert server_conn.get_conn_properties()["local_addr"] == pair.url.split("://")[1]
+
+
+def test_big_messages_both_ways(pair):
+    big = os.urandom(8 * MIB)
+    digest = hashlib.sha256(big).digest()
+    for _ in range(2):
+        pair.client.send_message(pair.to_server, 1, {"n": 1}, big)
+        pair.server.send_message(pair.to_client, 1, {"n": 2}, [big[:100], memoryview(big)[100:]])
+    for rx in (pair.server_rx, pair.client_rx):
+        got = rx.wait_for(2, timeout=30)
+        assert [hashlib.sha256(m[3]).digest() for m in got] == [digest, digest]
+
+
+def test_order_kept_and_batching_agreed_between_sfm_peers(pair):
+    client_conn, server_conn = pair.conns()
+    assert client_conn.extensions == server_conn.extensions == frozenset({BATCH_EXTENSION})
+    n = 5000
+    for i in range(n):
+        pair.client.send_message(pair.to_server, 1, {"i": i}, b"x" * 100)
+    got = pair.server_rx.wait_for(n, timeout=30)
+    assert [m[2]["i"] for m in got] == list(range(n))
+    # Several frames travelled in one gRPC message at least once.
+    assert server_conn.stats["frames_in"] > server_conn.stats["messages_in"]
+    assert client_conn.stats["frames_out"] == server_conn.stats["frames_in"]
+
+
+def test_batching_not_used_when_the_peer_does_not_offer_it():
+    p = Pair(client_query="?batch=0")
+    try:
+        client_conn, server_conn = p.conns()
+        assert client_conn.extensions == server_conn.extensions == frozenset()
+        for i in range(3000):
+            p.server.send_message(p.to_client, 1, {"i": i}, b"y" * 100)
+        got = p.client_rx.wait_for(3000, timeout=30)
+        assert [m[2]["i"] for m in got] == list(range(3000))
+        assert server_conn.stats["frames_out"] == server_conn.stats["messages_out"]
+        assert client_conn.stats["frames_in"] == client_conn.stats["messages_in"]
+    finally:
+        p.stop()
+
+
+def test_batching_not_used_toward_a_peer_without_sfm_ext(raw_peers):
+    server = ConnManager(Endpoint("server"))
+    h = server.add_connector("grpc://127.0.0.1:0", {}, Mode.PASSIVE)
+    server.start()
+    try:
+        peer = raw_peers(server.wait_listening(h))
+        peer.hello("plain")
+        assert decode_frame(peer.read()).type == FrameType.READY
+        ep = wait_ready(server, "plain")
+        for i in range(2000):
+            server.send_message(ep, 1, {"i": i}, b"z" * 100)
+        for i in range(2000):
+            frame = decode_frame(peer.read())  # raises unless Frame.data is exactly one frame
+            assert frame.headers == {"i": i}
+    finally:
+        server.stop()
+
+
+# -- bad input --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def listener():
+    server = ConnManager(Endpoint("server"))
+    h = server.add_connector("grpc://127.0.0.1:0?max_frame_size=65536", {}, Mode.PASSIVE)
+    server.start()
+    url = server.wait_listening(h)
+    yield server, url
+    server.stop()
+
+
+def _bad_input_closes_only_that_stream(listener, raw_peers, caplog, send, expected: str) -> None:
+    server, url = listener
+    good = raw_peers(url)
+    good.hello("good")
+    assert decode_frame(good.read()).type == FrameType.READY
+    bad = raw_peers(url)
+    with caplog.at_level(logging.WARNING, logger="sfm_driver_grpc"):
+        send(bad)
+        assert bad.read() is None  # the server ended this stream
+        code, details = bad.status()
+    assert code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED), (code, details)
+    assert expected in details or expected in caplog.text
+    # The other stream is still served.
+    good.send_frame(FrameType.PING, b"\xc0")
+    assert decode_frame(good.read()).type == FrameType.PONG
+    assert server.find_endpoint("good").state == EndpointState.READY
+
+
+def test_garbage_stream_closes_only_that_stream(listener, raw_peers, caplog):
+    _bad_input_closes_only_that_stream(
+        listener, raw_peers, caplog, lambda p: p.send_raw(b"\xffgarbage not a Frame"), "unsupported wire type"
+    )
+
+
+def test_garbage_frame_data_closes_only_that_stream(listener, raw_peers, caplog):
+    _bad_input_closes_only_that_stream(
+        listener, raw_peers, caplog, lambda p: p.send_data(b"short"), "shorter than the 16-byte SFM prefix"
+    )
+
+
+def test_frame_whose_length_field_lies(listener, raw_peers, caplog):
+    def send(p):
+        data = bytearray(b"".join(encode_frame(FrameType.HELLO, 0, 1, None, build_handshake("liar", {}))))
+        PREFIX.pack_into(data, 0, len(data) + 10, 0, FrameType.HELLO, 0, 0, 0, 1, 1)
+        p.send_data(bytes(data))
+
+    _bad_input_closes_only_that_stream(listener, raw_peers, caplog, send, "frame length field says")
+
+
+def test_frame_length_over_the_maximum(listener, raw_peers, caplog):
+    def send(p):
+        data = bytearray(32)
+        PREFIX.pack_into(data, 0, 100_000, 0, FrameType.DATA, 0, 0, 1, 1, 1)
+        p.send_data(bytes(data))
+
+    _bad_input_closes_only_that_stream(listener, raw_peers, caplog, send, "exceeds the maximum frame size")
+
+
+def test_oversized_message_is_refused(listener, raw_peers, caplog):
+    def send(p):
+        p.send_frame(FrameType.DATA, b"o" * 200_000, app_id=1)
+
+    _bad_input_closes_only_that_stream(listener, raw_peers, caplog, send, "larger than max")
+
+
+def test_batch_from_a_peer_that_did_not_agree_is_refused(listener, raw_peers, caplog):
+    def send(p):
+        p.send_data(b"".join(encode_frame(FrameType.HELLO, 0, 1, None, build_handshake("b1", {}))) * 2)
+
+    server, url = listener
+    plain = raw_peers(url)
+    plain.hello("no-ext")  # no sfm_ext: batching is not agreed with this peer
+    assert decode_frame(plain.read()).type == FrameType.READY
+    wait_until(lambda: server.get_connections("no-ext"), what="no-ext connection")
+    conn = server.get_connections("no-ext")[0].conn
+    wait_until(lambda: conn._ext_known, what="extensions set")
+    with caplog.at_level(logging.WARNING, logger="sfm_driver_grpc"):
+        plain.send_frame(FrameType.PING, b"\xc0")
+        plain.read()
+        send(plain)
+        assert plain.read() is None
+    assert "frame length field says" in caplog.text
+
+
+_DYING_CLIENT = """
+import asyncio, sys, grpc
+from sfm_core.frames import FrameType, encode_frame
+from sfm_core.handshake import build_handshake
+from sfm_driver_grpc import wire
+async def main():
+    ch = grpc.aio.insecure_channel(sys.argv[1], options=[("grpc.max_send_message_length", 2**31 - 1)])
+    call = ch.stream_stream("/streamer.Streamer/Stream")()
+    await call.write(wire.encode(1, encode_frame(FrameType.HELLO, 0, 1, None, build_handshake("dying", {}))))
+    await call.read()
+    print("ready", flush=True)
+    big = encode_frame(FrameType.DATA, 1, 17, None, bytes(256 * 1024 * 1024))
+    while True:
+        await call.write(wire.encode(2, big))
+asyncio.run(main())
+"""
+
+
+def test_peer_gone_mid_stream(listener, raw_peers):
+    server, url = listener
+    good = raw_peers(url)
+    good.hello("good")
+    assert decode_frame(good.read()).type == FrameType.READY
+    server.connectors  # noqa: B018
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _DYING_CLIENT, url.split("://")[1]], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        ep = wait_ready(server, "dying")
+        time.sleep(0.3)  # it is in the middle of a 256 MiB message now
+        proc.send_signal(signal.SIGKILL)
+        wait_until(lambda: ep.state == EndpointState.DISCONNECTED, 10, "dying DISCONNECTED")
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+    good.send_frame(FrameType.PING, b"\xc0")
+    assert decode_frame(good.read()).type == FrameType.PONG
+
+
+def test_listener_gone_closes_the_client_and_send_raises(pair):
+    client_conn, _ = pair.conns()
+    pair.server.stop()
+    wait_until(lambda: pair.to_server.state == EndpointState.DISCONNECTED, 10, "server DISCONNECTED")
+    with pytest.raises(CommError):
+        pair.client.send_message(pair.to_server, 1, None, b"late")
+    with pytest.raises(CommError) as e:
+        client_conn.send_frame([b"x" * 16])
+    assert e.value.code == CommError.CLOSED
+
+
+def test_send_after_close_raises(pair):
+    client_conn, _ = pair.conns()
+    client_conn.close()
+    with pytest.raises(CommError) as e:
+        client_conn.send_frame(encode_frame(FrameType.DATA, 1, 17, None, b"x"))
+    assert e.value.code == CommError.CLOSED
+    client_conn.close()  # idempotent
+
+
+def test_cannot_bind_a_port_in_use(pair):
+    port = int(pair.url.rsplit(":", 1)[1])
+    other = ConnManager(Endpoint("other"))
+    h = other.add_connector(f"grpc://127.0.0.1:{port}", {}, Mode.PASSIVE)
+    other.start()
+    try:
+        with pytest.raises(CommError, match="cannot listen"):
+            other.wait_listening(h, 10)
+    finally:
+        other.stop()
+
+
+def test_connect_refused_raises_commerror():
+    driver = GrpcDriver()
+    with pytest.raises(CommError, match="cannot connect"):
+        params = {"host": "127.0.0.1", "port": 1, "connect_timeout": "0.5"}
+        driver.connect(ConnectorInfo("CH1", driver, params, Mode.ACTIVE))
+    driver.shutdown()
+
+
+# -- backpressure and scale -------------------------------------------------------------------
+
+
+def test_backpressure_reaches_the_sender():
+    p = Pair(client_query="?send_timeout=1&send_queue_bytes=1048576", queue_bytes=2 * MIB, queue_frames=64)
+    try:
+        p.server_rx.gate = threading.Event()  # the receiver stops taking messages
+        chunk = b"b" * (256 * 1024)
+        sent = 0
+        t0 = time.monotonic()
+        with pytest.raises(CommError) as e:
+            while time.monotonic() - t0 < 20:
+                p.client.send_message(p.to_server, 1, {"i": sent}, chunk)
+                sent += 1
+        assert e.value.code == CommError.TIMEOUT
+        # Bounded by the receiver's lane, gRPC's flow-control windows and the send queue.
+        assert sent * len(chunk) < 96 * MIB, sent
+        p.server_rx.gate.set()
+        got = p.server_rx.wait_for(sent, timeout=30)
+        assert [m[2]["i"] for m in got] == list(range(sent))
+        p.client.send_message(p.to_server, 1, {"i": sent}, chunk)  # flowing again
+        p.server_rx.wait_for(sent + 1)
+    finally:
+        if p.server_rx.gate is not None:
+            p.server_rx.gate.set()
+        p.stop()
+
+
+def test_no_cap_at_100_streams(listener):
+    _server, url = listener
+    result = GrpcBaseline().fanin(url, 160, 30.0)
+    assert result["ready"] == 160, result
+
+
+def test_stop_leaves_no_threads_or_fds():
+    threads = {t.ident for t in threading.enumerate()}
+    fds = set(os.listdir("/proc/self/fd"))
+    p = Pair()
+    p.client.send_message(p.to_server, 1, None, b"x" * MIB)
+    p.server_rx.wait_for(1)
+    p.stop()
+
+    def clean():
+        return {t.ident for t in threading.enumerate()} <= threads and set(os.listdir("/proc/self/fd")) <= fds
+
+    wait_until(clean, 5, "threads and fds released")
