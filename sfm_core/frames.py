@@ -207,22 +207,30 @@ class FrameDecoder:
         frames = decoder.buffer_updated(n)
 
     Small frames are read many at a time into one reusable buffer and copied out once as
-    ``bytes``. A frame larger than ``large_frame`` gets its own ``bytearray`` sized from its
+    ``bytes``. That buffer starts at ``initial_size`` (an idle connection costs little) and
+    doubles, up to ``buffer_size``, whenever a read fills it. A frame that does not fit in
+    half the buffer (or exceeds ``large_frame``) gets its own ``bytearray`` sized from its
     prefix, and :meth:`get_buffer` then hands out the rest of that buffer, so the payload is
     received in place and never copied again.
     """
 
     def __init__(
-        self, max_frame_size: int = MAX_FRAME_SIZE, buffer_size: int = 256 * 1024, large_frame: int = 64 * 1024
+        self,
+        max_frame_size: int = MAX_FRAME_SIZE,
+        buffer_size: int = 256 * 1024,
+        large_frame: int = 64 * 1024,
+        initial_size: int = 4096,
     ) -> None:
         if large_frame >= buffer_size:
             raise ValueError("large_frame must be below buffer_size")
         self.max_frame_size = max_frame_size
         self._large_frame = large_frame
-        self._buf = bytearray(buffer_size)
+        self._max_size = buffer_size
+        self._buf = bytearray(min(initial_size, buffer_size))
         self._view = memoryview(self._buf)
         self._start = 0
         self._end = 0
+        self._filled = False
         self._large: bytearray | None = None
         self._large_filled = 0
 
@@ -237,12 +245,26 @@ class FrameDecoder:
         """A writable, non-empty buffer to receive the next bytes into."""
         if self._large is not None:
             return memoryview(self._large)[self._large_filled :]
-        if len(self._buf) - self._end < self._large_frame:
-            # Room runs short: move the partial frame (at most large_frame bytes) to the front.
-            n = self._end - self._start
-            self._buf[:n] = self._view[self._start : self._end]
-            self._start, self._end = 0, n
+        size = len(self._buf)
+        if self._filled and size < self._max_size:
+            # The last read filled the buffer: data is streaming in, read more per syscall.
+            self._resize(min(self._max_size, size * 2))
+        elif size - self._end < size // 2:
+            # Room runs short: move the partial frame (under half the buffer) to the front.
+            self._resize(size)
+        self._filled = False
         return self._view[self._end :]
+
+    def _resize(self, size: int) -> None:
+        n = self._end - self._start
+        if size == len(self._buf):
+            self._buf[:n] = self._view[self._start : self._end]
+        else:
+            buf = bytearray(size)
+            buf[:n] = self._view[self._start : self._end]
+            self._view.release()
+            self._buf, self._view = buf, memoryview(buf)
+        self._start, self._end = 0, n
 
     def buffer_updated(self, nbytes: int) -> list:
         """Account for ``nbytes`` written into the last :meth:`get_buffer`; return whole frames."""
@@ -254,6 +276,7 @@ class FrameDecoder:
             self._large = None
             return [frame]
         self._end += nbytes
+        self._filled = self._end == len(self._buf)
         return self._parse()
 
     def feed(self, data: Buffer) -> list:
@@ -272,6 +295,7 @@ class FrameDecoder:
         frames = []
         view, start, end = self._view, self._start, self._end
         unpack = _LEN_AND_HEADER_LEN.unpack_from
+        own_buffer_above = min(self._large_frame, len(self._buf) // 2)
         while end - start >= PREFIX_LEN:
             length, header_len = unpack(view, start)
             if length < PREFIX_LEN or length > self.max_frame_size or header_len > length - PREFIX_LEN:
@@ -280,7 +304,7 @@ class FrameDecoder:
             if end - start >= length:
                 frames.append(bytes(view[start : start + length]))
                 start += length
-            elif length > self._large_frame:
+            elif length > own_buffer_above:
                 have = end - start
                 large = bytearray(length)
                 large[:have] = view[start:end]

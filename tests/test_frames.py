@@ -145,3 +145,22 @@ def test_unencodable_headers_are_bad_data() -> None:
 def test_frame_over_the_maximum_is_refused_before_sending() -> None:
     with pytest.raises(CommError, match="exceeds the maximum frame size of 100"):
         encode_frame(FrameType.DATA, 1, 17, None, b"x" * 100, max_frame_size=100)
+
+
+def test_decoder_buffer_starts_small_and_grows_only_while_data_streams() -> None:
+    decoder = FrameDecoder(buffer_size=64 * 1024, large_frame=16 * 1024, initial_size=4096)
+    assert len(decoder.get_buffer()) == 4096  # an idle connection holds 4 KiB, not 64
+    frame = _bytes(FrameType.DATA, 1, 17, None, b"x" * 100)
+    stream = frame * 2000
+    sizes = set()
+    out = 0
+    pos = 0
+    while pos < len(stream):
+        buf = decoder.get_buffer()
+        sizes.add(len(buf))
+        n = min(len(buf), len(stream) - pos)
+        buf[:n] = stream[pos : pos + n]
+        pos += n
+        out += len(decoder.buffer_updated(n))
+    assert out == 2000
+    assert max(sizes) <= 64 * 1024 and max(sizes) > 32 * 1024  # grew to the cap, not past it
