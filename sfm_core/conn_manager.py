@@ -69,6 +69,8 @@ class SfmConnection:
         self.last_activity = self.created
         self.last_ping = 0.0
         self.lane: Lane | None = None
+        #: Set once the core decided to close this connection (bad data, timeout, ...).
+        self.closing = False
         self._seq = 0
         self._send_lock = threading.Lock()
 
@@ -128,6 +130,7 @@ class SfmConnection:
         self.send_frame(frame_type, 0, 1, None, payload)
 
     def close(self) -> None:
+        self.closing = True
         self.conn.close()
 
 
@@ -162,12 +165,18 @@ class SfmFrameReceiver(FrameReceiver):
         self.process_frames((frame,))
 
     def process_frames(self, frames: Any) -> None:
-        """Queue a batch of frames for delivery (one lock, one wake-up)."""
+        """Deliver a batch of frames: right here for inline drivers, else via the ordered lane."""
         conn = self.conn
         conn.last_activity = time.monotonic()
         lane = conn.lane
         if lane is not None:
             lane.submit(frames, sum(map(len, frames)))
+            return
+        task = self.conn_manager.process_frame_task
+        for frame in frames:
+            if conn.closing:
+                break
+            task(conn, frame)
 
 
 class ConnManager(ConnMonitor):
@@ -230,6 +239,7 @@ class ConnManager(ConnMonitor):
         Returns the connector's handle. If the manager is started, the connector starts now.
         """
         params = dict(params or {})
+        params.setdefault("max_frame_size", self.max_frame_size)
         mode = Mode(mode)
         if isinstance(driver, str):
             if "://" in driver or not _SCHEME.match(driver):
@@ -391,13 +401,14 @@ class ConnManager(ConnMonitor):
         sfm_conn = SfmConnection(connection, self.local_endpoint, mode, self.max_frame_size)
         pause = connection.pause_reading if connection.supports_pause else None
         resume = connection.resume_reading if connection.supports_pause else None
-        sfm_conn.lane = self._dispatcher.lane(
-            lambda frame: self.process_frame_task(sfm_conn, frame),
-            max_items=self.queue_frames,
-            max_bytes=self.queue_bytes,
-            pause=pause,
-            resume=resume,
-        )
+        if not connection.inline_delivery:
+            sfm_conn.lane = self._dispatcher.lane(
+                lambda frame: self.process_frame_task(sfm_conn, frame),
+                max_items=self.queue_frames,
+                max_bytes=self.queue_bytes,
+                pause=pause,
+                resume=resume,
+            )
         with self._lock:
             self.sfm_conns[connection.name] = sfm_conn
         connection.register_frame_receiver(SfmFrameReceiver(self, sfm_conn))
@@ -436,7 +447,7 @@ class ConnManager(ConnMonitor):
         lane = sfm_conn.lane
         if lane is not None and self.started and not self.stopped:
             lane.submit((lambda: self.notify_monitors(endpoint),))
-        else:
+        else:  # inline drivers close on the thread that delivered the last frames
             self.notify_monitors(endpoint)
 
     # -- receiving -----------------------------------------------------------------------

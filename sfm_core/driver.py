@@ -105,9 +105,16 @@ class Connection(ABC):
     no send lock of its own. A driver that can stop reading on demand sets
     ``supports_pause = True`` and implements :meth:`pause_reading`/:meth:`resume_reading`;
     the core then applies backpressure by pausing instead of blocking in ``process_frames``.
+
+    A driver whose receiving thread serves only this connection while it is in
+    ``process_frames`` (a thread per connection, or an EPOLLONESHOT pool) sets
+    ``inline_delivery = True``: the core then delivers the frames on that very thread, with
+    no hand-off (a slow receiver then simply stops this connection's reading). Everyone else
+    (an event loop serving many connections) gets an ordered, bounded queue per connection.
     """
 
     supports_pause: ClassVar[bool] = False
+    inline_delivery: ClassVar[bool] = False
     _ids = itertools.count(1)
 
     def __init__(self, connector: ConnectorInfo | None) -> None:

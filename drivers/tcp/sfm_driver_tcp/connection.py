@@ -26,10 +26,12 @@ class TcpConnection(Connection):
     Sending: ``sendmsg`` of the frame's buffers straight from the sending thread (no copy, no
     hand-off); if the kernel takes only part, the thread waits for POLLOUT up to
     ``send_timeout`` seconds. Receiving: ``recv_into`` the decoder's buffers, so small frames
-    arrive many per syscall and large ones land in a buffer sized from their prefix.
+    arrive many per syscall and large ones land in a buffer sized from their prefix; the
+    frames of one read go to the core in one ``process_frames`` call.
     """
 
-    supports_pause = True
+    # Served by one EPOLLONESHOT pool thread at a time: the core may deliver right there.
+    inline_delivery = True
 
     def __init__(
         self,
@@ -171,13 +173,6 @@ class TcpConnection(Connection):
                 log.warning("connection %s: closing: %s", self.name, e)
                 self.close()
 
-    def pause_reading(self) -> None:
-        self._reactor.pause(self)
-
-    def resume_reading(self) -> None:
-        if not self._closing:
-            self._reactor.resume(self)
-
     # -- closing -------------------------------------------------------------------------
 
     def close(self) -> None:
@@ -189,8 +184,6 @@ class TcpConnection(Connection):
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
-        # A paused connection is not watched, so nothing would notice the shutdown.
-        self._reactor.resume(self)
 
     def on_reactor_stop(self) -> None:
         self._finish()

@@ -19,6 +19,9 @@ log = logging.getLogger(__name__)
 DEFAULT_BACKLOG = 65535  # the kernel caps it at net.core.somaxconn
 DEFAULT_SEND_TIMEOUT = 60.0
 DEFAULT_CONNECT_TIMEOUT = 10.0
+#: Pool threads of a listener: this many slow receivers can block at once before the
+#: listener's other connections wait for a free thread.
+DEFAULT_IO_THREADS = 4
 _ACCEPTS_PER_EVENT = 256
 
 
@@ -61,7 +64,7 @@ class _Listener:
 
 class TcpDriver(Driver):
     """Plain TCP. Params: ``host``, ``port``, ``backlog``, ``send_timeout``, ``connect_timeout``,
-    ``max_frame_size``.
+    ``io_threads`` (listener pool size), ``max_frame_size``.
     """
 
     def __init__(self) -> None:
@@ -76,10 +79,10 @@ class TcpDriver(Driver):
 
     @staticmethod
     def capabilities() -> dict[str, Any]:
-        return {"max_frame_size": MAX_FRAME_SIZE, "tls": False, "io": "epoll reactor thread per connector"}
+        return {"max_frame_size": MAX_FRAME_SIZE, "tls": False, "io": "epoll, leader/followers pool"}
 
     def _new_reactor(self) -> Reactor:
-        reactor = Reactor()
+        reactor = Reactor(f"sfm-tcp-{id(self) % 10000}")
         with self._lock:
             if self._stopping:
                 reactor.stop()
@@ -103,8 +106,10 @@ class TcpDriver(Driver):
             max_frame_size=_param(params, "max_frame_size", int, MAX_FRAME_SIZE),
             send_timeout=_param(params, "send_timeout", float, DEFAULT_SEND_TIMEOUT),
         )
-        reactor.add(conn)
+        # The core registers its frame receiver in add_connection: only then may a pool
+        # thread start reading.
         self.add_connection(conn)
+        reactor.add(conn)
         return conn
 
     def listen(self, connector: ConnectorInfo) -> None:
@@ -122,6 +127,7 @@ class TcpDriver(Driver):
         except OSError as e:
             sock.close()
             raise CommError(CommError.ERROR, f"tcp: cannot listen on {host or '*'}:{port}: {e}") from None
+        threads = _param(params, "io_threads", int, DEFAULT_IO_THREADS)
         reactor = self._new_reactor()
         try:
             actual = sock.getsockname()
@@ -131,7 +137,7 @@ class TcpDriver(Driver):
             connector.listening(format_url(params.get("scheme", "tcp"), url_host, actual[1]))
             log.info("tcp: listening on %s", _fmt(actual))
             reactor.add(_Listener(sock, self, connector, reactor))
-            reactor.run()
+            reactor.serve(threads=max(1, threads))
         finally:
             self._forget_reactor(reactor)
 
@@ -149,7 +155,7 @@ class TcpDriver(Driver):
         reactor = self._new_reactor()
         try:
             self._serve(sock, connector, reactor)
-            reactor.run(stop_when_empty=True)
+            reactor.serve(stop_when_empty=True)
         finally:
             self._forget_reactor(reactor)
 

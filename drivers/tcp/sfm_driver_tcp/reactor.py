@@ -1,9 +1,16 @@
-"""A minimal epoll reactor: one thread reads many non-blocking sockets.
+"""A small epoll reactor run by a pool of threads (leader/followers).
 
-Why not asyncio: the TCP driver needs only "tell me when this socket is readable". A bare
-``select.epoll`` loop does that with the least work per wake-up (no Handle objects, no
-callback queue), and writes never touch the loop at all: senders write on their own thread
-(see :mod:`.connection`). docs/architecture.md has the measurements behind this choice.
+Every socket is registered with ``EPOLLONESHOT``: an event hands the socket to exactly one
+pool thread, which reads it, delivers what it read, and only then re-arms it. So:
+
+* one connection is never served by two threads at once, and its frames stay in order;
+* delivery needs no hand-off to another thread (the round trip pays no thread wake-up);
+* a slow receiver holds only its own connection: while it is busy, that socket is not read,
+  its kernel buffer fills, and TCP flow control slows the sender. The other pool threads
+  keep serving every other connection.
+
+Writes never go through the reactor: senders write on their own thread (see connection.py).
+docs/architecture.md has the measurements behind this design.
 """
 
 from __future__ import annotations
@@ -16,6 +23,8 @@ from typing import Protocol
 
 log = logging.getLogger(__name__)
 
+_ARMED = select.EPOLLIN | select.EPOLLONESHOT
+
 
 class Readable(Protocol):
     def fileno(self) -> int: ...
@@ -26,12 +35,14 @@ class Readable(Protocol):
 
 
 class Reactor:
-    """Runs ``on_readable`` of registered objects on the thread that calls :meth:`run`."""
+    """Runs ``on_readable`` of registered handlers on the threads of :meth:`serve`."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: str = "sfm-tcp") -> None:
+        self.name = name
         self._epoll = select.epoll()
         self._handlers: dict[int, Readable] = {}
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        # Level-triggered and not one-shot: once written, it wakes every pool thread to exit.
         self._epoll.register(self._wake_fd, select.EPOLLIN)
         self._stopping = False
         self._closed = False
@@ -42,27 +53,20 @@ class Reactor:
         fd = handler.fileno()
         with self._lock:
             self._handlers[fd] = handler
-        self._epoll.register(fd, select.EPOLLIN)
+        self._epoll.register(fd, _ARMED)
 
-    def pause(self, handler: Readable) -> None:
-        """Stop watching ``handler`` without forgetting it (any thread)."""
-        try:
-            self._epoll.unregister(handler.fileno())
-        except (OSError, ValueError):  # already closed
-            pass
-
-    def resume(self, handler: Readable) -> None:
-        """Watch a paused handler again (any thread)."""
+    def rearm(self, handler: Readable) -> None:
+        """Watch ``handler`` again after its event was served (or after a close request)."""
         fd = handler.fileno()
         if fd < 0 or self._handlers.get(fd) is not handler:
             return
         try:
-            self._epoll.register(fd, select.EPOLLIN)
-        except (OSError, ValueError):  # closed meanwhile, or already registered
+            self._epoll.modify(fd, _ARMED)
+        except (OSError, ValueError):  # closed meanwhile
             pass
 
     def remove(self, handler: Readable, fd: int) -> None:
-        """Forget a handler whose socket is about to close (reactor thread)."""
+        """Forget a handler whose socket is about to close (its serving thread)."""
         with self._lock:
             if self._handlers.get(fd) is handler:
                 del self._handlers[fd]
@@ -72,7 +76,7 @@ class Reactor:
             pass
 
     def stop(self) -> None:
-        """Make :meth:`run` return soon (any thread)."""
+        """Make :meth:`serve` return soon (any thread)."""
         with self._lock:
             self._stopping = True
             if not self._closed:  # never write to a descriptor number that may be reused
@@ -82,29 +86,28 @@ class Reactor:
     def size(self) -> int:
         return len(self._handlers)
 
-    def run(self, stop_when_empty: bool = False) -> None:
-        """Dispatch readability until :meth:`stop` (or, optionally, until no handler is left).
+    def serve(self, threads: int = 1, stop_when_empty: bool = False) -> None:
+        """Serve events on this thread and ``threads - 1`` more until :meth:`stop`.
 
-        On return every handler still registered gets ``on_reactor_stop`` and the epoll and
-        wake-up descriptors are closed.
+        With ``stop_when_empty`` it also returns once no handler is left (one connection).
+        On return every handler still registered gets ``on_reactor_stop`` and the
+        descriptors of the reactor are closed.
         """
-        poll = self._epoll.poll
-        handlers = self._handlers
-        wake_fd = self._wake_fd
+        helpers = [
+            threading.Thread(target=self._loop, args=(False,), name=f"{self.name}-{i}", daemon=True)
+            for i in range(1, threads)
+        ]
+        for t in helpers:
+            t.start()
         try:
-            while not self._stopping:
-                if stop_when_empty and not handlers:
-                    break
-                for fd, _events in poll(1.0):
-                    if fd == wake_fd:
-                        continue
-                    handler = handlers.get(fd)
-                    if handler is not None:
-                        handler.on_readable()
+            self._loop(stop_when_empty)
         finally:
+            self.stop()
+            for t in helpers:
+                t.join()
             with self._lock:
-                left = list(handlers.values())
-                handlers.clear()
+                left = list(self._handlers.values())
+                self._handlers.clear()
             for handler in left:
                 try:
                     handler.on_reactor_stop()
@@ -113,4 +116,23 @@ class Reactor:
             with self._lock:
                 self._closed = True
                 self._epoll.close()
-                os.close(wake_fd)
+                os.close(self._wake_fd)
+
+    def _loop(self, stop_when_empty: bool) -> None:
+        poll = self._epoll.poll
+        handlers = self._handlers
+        wake_fd = self._wake_fd
+        while not self._stopping:
+            if stop_when_empty and not handlers:
+                return
+            for fd, _events in poll(1.0, 1):
+                if fd == wake_fd:
+                    return
+                handler = handlers.get(fd)
+                if handler is None:
+                    continue
+                try:
+                    handler.on_readable()
+                except Exception:  # a handler bug must not kill a pool thread
+                    log.exception("error serving %r", handler)
+                self.rearm(handler)
