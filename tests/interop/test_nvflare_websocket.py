@@ -10,10 +10,10 @@ import time
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/helpers.py
-from helpers import Collector, wait_ready, wait_until  # noqa: E402
+from helpers import Collector, wait_ready, wait_until
 
-from sfm_core import ConnManager, Endpoint, EndpointState, FrameReceiver, Mode  # noqa: E402
-from sfm_core.frames import FrameType, decode_frame  # noqa: E402
+from sfm_core import ConnManager, Endpoint, EndpointState, FrameReceiver, Mode
+from sfm_core.frames import FrameType, decode_frame
 
 pytest.importorskip("sfm_driver_websocket")
 

@@ -1,0 +1,540 @@
+"""One WebSocket connection: an asyncio Protocol on the shared loop around websockets' sans-I/O core.
+
+No task or coroutine per connection and no per-message await: bytes from the socket go into
+``websockets``' ``ServerProtocol``/``ClientProtocol`` (which does HTTP upgrade, framing, masking,
+ping/pong and close), and each whole binary message is checked with ``sfm_core.frames`` and
+handed to the core in batches. Sends come from user threads into a per-connection deque; one
+``call_soon_threadsafe`` wakes the loop per batch, not per frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import struct
+import threading
+import time
+from collections import deque
+from typing import Any
+
+from websockets.exceptions import InvalidMessage, PayloadTooBig
+from websockets.frames import CloseCode, Opcode, apply_mask
+from websockets.http11 import Request, Response
+from websockets.protocol import CLOSED, OPEN, Protocol
+from websockets.server import ServerProtocol
+
+from sfm_core import CommError, Connection, ConnectorInfo
+from sfm_core.frames import PREFIX_LEN, check_prefix
+
+log = logging.getLogger(__name__)
+
+_LEN_AND_HEADER_LEN = struct.Struct(">IH")
+_HDR16 = struct.Struct("!BBH")
+_HDR64 = struct.Struct("!BBQ")
+# Frames below this size are joined into one buffer (cheaper than a write each); larger payload
+# buffers are written as they are, after the WebSocket header and the SFM head.
+_JOIN_BELOW = 64 * 1024
+_BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+
+
+def fmt_addr(addr: object) -> str:
+    """``host:port`` (``[v6]:port``) for a socket address."""
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        host = addr[0]
+        return f"[{host}]:{addr[1]}" if ":" in str(host) else f"{host}:{addr[1]}"
+    return str(addr)
+
+
+class WebSocketConnection(Connection, asyncio.Protocol):
+    """A WebSocket connection carrying one SFM frame per binary message.
+
+    Created by the driver on the shared loop, either for an accepted socket (server side: it
+    first answers the HTTP upgrade of ``path``) or for an outgoing one (client side, given a
+    ``ClientProtocol`` whose request it sends). Every method not marked otherwise runs on the
+    loop thread; ``send_frame``, ``close``, ``pause_reading`` and ``resume_reading`` are thread-safe.
+    """
+
+    supports_pause = True
+
+    def __init__(
+        self,
+        driver: Any,
+        connector: ConnectorInfo | None,
+        loop: asyncio.AbstractEventLoop,
+        proto: Protocol,
+        *,
+        path: str,
+        max_frame_size: int,
+        send_timeout: float,
+        open_timeout: float,
+        close_timeout: float,
+        high_water: int,
+    ) -> None:
+        Connection.__init__(self, connector)
+        self.driver = driver
+        self.loop = loop
+        self.proto = proto
+        self.path = path
+        self.max_frame_size = max_frame_size
+        self.send_timeout = send_timeout
+        self.open_timeout = open_timeout
+        self.close_timeout = close_timeout
+        self.high_water = high_water
+        self.is_server = isinstance(proto, ServerProtocol)
+        self.transport: asyncio.Transport | None = None
+        self._peer: object = None
+        self._local: object = None
+        #: Resolved (client side) when the upgrade completed, with an exception if it failed.
+        self.opened: asyncio.Future | None = None
+        #: Set once the transport is gone (connection_lost ran).
+        self.lost = threading.Event()
+        self.added = False  # handed to the core through add_connection
+        self._timer: asyncio.TimerHandle | None = None
+        self._reason_logged = False
+        self._fragments: list | None = None
+        self._responded = False  # server side: an HTTP response was sent
+        self._early: list = []  # client side: frames that came before add_connection
+        self._loop_tid = -1
+
+        # Send side, shared with user threads under _lock.
+        self._lock = threading.Lock()
+        self._room = threading.Condition(self._lock)
+        self._queue: deque = deque()
+        self._queued_bytes = 0
+        self._flush_pending = False
+        self._write_paused = False
+        self._closing = False  # no more sends accepted
+        self._read_paused = False
+
+    # -- properties ------------------------------------------------------------------------
+
+    def get_conn_properties(self) -> dict:
+        """``peer_addr``/``local_addr`` as ``host:port`` strings, and the WebSocket ``path``."""
+        return {"peer_addr": fmt_addr(self._peer), "local_addr": fmt_addr(self._local), "path": self.path}
+
+    # -- asyncio.Protocol ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self._loop_tid = threading.get_ident()
+        self._peer = transport.get_extra_info("peername")
+        self._local = transport.get_extra_info("sockname")
+        # Our own bound on the transport buffer; pause_writing/resume_writing drive the flush.
+        transport.set_write_buffer_limits(high=self.high_water, low=self.high_water // 4)
+        self.driver._live.add(self)
+        self._timer = self.loop.call_later(self.open_timeout, self._open_timed_out)
+        if not self.is_server:
+            proto = self.proto
+            proto.send_request(proto.connect())  # type: ignore[attr-defined]
+            self._write_out()
+
+    def data_received(self, data: bytes) -> None:
+        proto = self.proto
+        proto.receive_data(data)
+        events = proto.events_received()
+        if events:
+            self._handle_events(events)
+        if self.is_server and not self._responded and proto.handshake_exc is not None:
+            # Not HTTP at all: websockets just closes; answer 400 so a human sees why.
+            self._responded = True
+            self._log_reason(proto.handshake_exc)
+            if self.transport is not None:
+                self.transport.write(_BAD_REQUEST)
+        self._write_out()
+        if proto.parser_exc is not None:
+            self._log_reason(proto.parser_exc)
+
+    def eof_received(self) -> bool | None:
+        proto = self.proto
+        if proto.state is OPEN and (proto.reader.buffer or proto.current_size is not None or self._fragments):
+            pending = len(proto.reader.buffer) + (proto.current_size or 0)
+            self._log_reason(f"peer closed in the middle of a message ({pending} bytes of it received)")
+        proto.receive_eof()
+        self._write_out()
+        return None  # let the transport close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        with self._lock:
+            self._closing = True
+            self._queue.clear()
+            self._queued_bytes = 0
+            self._room.notify_all()
+        if exc is not None and not self._reason_logged:
+            self._reason_logged = True
+            log.info("connection %s to %s lost: %s", self.name, fmt_addr(self._peer), exc)
+        opened = self.opened
+        if opened is not None and not opened.done():
+            opened.set_exception(CommError(CommError.CLOSED, self._handshake_error("connection closed")))
+        self.driver._live.discard(self)
+        self.lost.set()
+        if self.added:
+            self.driver.remove_connection(self)
+        self.driver._on_lost(self)
+
+    def pause_writing(self) -> None:
+        with self._lock:
+            self._write_paused = True
+
+    def resume_writing(self) -> None:
+        with self._lock:
+            self._write_paused = False
+            self._room.notify_all()
+        self._flush()
+
+    # -- the opening handshake -------------------------------------------------------------
+
+    def start_reading(self) -> None:
+        """Client side, after add_connection: deliver what came early and read on (loop thread)."""
+        early, self._early = self._early, []
+        if early:
+            try:
+                self.process_frames(early)
+            except CommError as e:
+                self._fail(CloseCode.INTERNAL_ERROR, f"frames not accepted: {e}")
+                return
+        self._set_reading(True)
+
+    def _handshake_done(self) -> None:
+        """The protocol turned OPEN: hand the connection to the core (server) or the connector."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.is_server:
+            self.driver._server_opened(self)
+        else:
+            # The connector thread calls add_connection; nothing may be read before that.
+            self.transport.pause_reading()  # type: ignore[union-attr]
+            self._read_paused = True
+            if self.opened is not None and not self.opened.done():
+                self.opened.set_result(self)
+
+    def _handle_request(self, request: Request) -> None:
+        proto = self.proto
+        assert isinstance(proto, ServerProtocol)
+        path = request.path.split("?", 1)[0]
+        if path != self.path:
+            log.info("websocket listener: %s asked for %s; answering 404", fmt_addr(self._peer), request.path)
+            response = proto.reject(404, f"Not Found: the SFM WebSocket is at {self.path}\n")
+        else:
+            response = proto.accept(request)
+            if response.status_code != 101:
+                log.info(
+                    "websocket listener: refused %s from %s: %d %s (%s)",
+                    request.path,
+                    fmt_addr(self._peer),
+                    response.status_code,
+                    response.reason_phrase,
+                    proto.handshake_exc,
+                )
+        self._responded = True
+        proto.send_response(response)
+        if response.status_code == 101:
+            self._handshake_done()
+
+    def _handshake_error(self, what: str) -> str:
+        exc = self.proto.handshake_exc
+        return f"websocket handshake with {fmt_addr(self._peer)} failed: {exc or what}"
+
+    def _open_timed_out(self) -> None:
+        self._timer = None
+        if self.proto.state is not OPEN and self.transport is not None:
+            log.warning(
+                "connection %s: no WebSocket upgrade with %s within %s s; closing",
+                self.name,
+                fmt_addr(self._peer),
+                self.open_timeout,
+            )
+            self._reason_logged = True
+            self.transport.abort()
+
+    # -- receiving -------------------------------------------------------------------------
+
+    def _handle_events(self, events: list) -> None:
+        frames: list = []
+        for event in events:
+            if isinstance(event, Request):
+                self._handle_request(event)
+                continue
+            if isinstance(event, Response):
+                self._on_response(event)
+                continue
+            opcode = event.opcode
+            if opcode is Opcode.BINARY:
+                if event.fin:
+                    message = event.data
+                else:
+                    self._fragments = [event.data]
+                    continue
+            elif opcode is Opcode.CONT:
+                if self._fragments is None:
+                    continue  # the protocol already refuses a stray continuation
+                self._fragments.append(event.data)
+                if not event.fin:
+                    continue
+                message = b"".join(self._fragments)
+                self._fragments = None
+            elif opcode is Opcode.TEXT:
+                self._fail(CloseCode.UNSUPPORTED_DATA, "text message received; SFM frames are binary messages")
+                break
+            else:
+                if opcode is Opcode.CLOSE and not self._closing:
+                    with self._lock:
+                        self._closing = True
+                        self._room.notify_all()
+                continue  # ping/pong/close: the protocol answers them
+            problem = _check_message(message, self.max_frame_size)
+            if problem is not None:
+                self._fail(CloseCode.INVALID_DATA, problem)
+                break
+            frames.append(message)
+        if frames and not self.added:
+            self._early.extend(frames)
+        elif frames:
+            try:
+                self.process_frames(frames)
+            except CommError as e:
+                self._fail(CloseCode.INTERNAL_ERROR, f"frames not accepted: {e}")
+
+    def _on_response(self, response: Response) -> None:
+        proto = self.proto
+        if proto.handshake_exc is not None or proto.state is not OPEN:
+            opened = self.opened
+            if opened is not None and not opened.done():
+                opened.set_exception(CommError(CommError.CLOSED, self._handshake_error(str(response.status_code))))
+            self._reason_logged = True
+            if self.transport is not None:
+                self.transport.close()
+            return
+        self._handshake_done()
+
+    def _fail(self, code: int, reason: str) -> None:
+        """Close this connection (only) because of what the peer sent, logging why."""
+        self._log_reason(reason)
+        with self._lock:
+            self._closing = True
+            self._room.notify_all()
+        if self.proto.state is OPEN:
+            self.proto.fail(code, reason[:120])
+        self._write_out()
+        self._start_close_timer()
+
+    def _log_reason(self, reason: object) -> None:
+        if self._reason_logged:
+            return
+        self._reason_logged = True
+        if isinstance(reason, PayloadTooBig):
+            reason = f"message too big for max_frame_size {self.max_frame_size}: {reason}"
+        elif isinstance(reason, InvalidMessage):
+            reason = f"not a WebSocket client: {reason} ({reason.__cause__})"
+        elif isinstance(reason, EOFError):
+            reason = "peer closed the TCP connection without a WebSocket close"
+            log.info("connection %s from %s: %s", self.name, fmt_addr(self._peer), reason)
+            return
+        log.warning("connection %s with %s: closing: %s", self.name, fmt_addr(self._peer), reason)
+
+    def pause_reading(self) -> None:
+        """Stop reading from the socket (any thread)."""
+        self._call(self._set_reading, False)
+
+    def resume_reading(self) -> None:
+        """Read from the socket again (any thread)."""
+        self._call(self._set_reading, True)
+
+    def _set_reading(self, on: bool) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        self._read_paused = not on
+        if on:
+            transport.resume_reading()
+        else:
+            transport.pause_reading()
+
+    # -- sending ---------------------------------------------------------------------------
+
+    def send_frame(self, frame: Any) -> None:
+        """Queue one SFM frame as one binary message; blocks while too much is outstanding."""
+        bufs = frame if isinstance(frame, list) else [frame]
+        size = 0
+        for b in bufs:
+            size += b.nbytes if isinstance(b, memoryview) else len(b)
+        deadline = None
+        with self._lock:
+            while True:
+                if self._closing:
+                    raise CommError(CommError.CLOSED, f"connection {self.name} to {fmt_addr(self._peer)} is closed")
+                # One frame may always go when nothing is queued, however big it is.
+                if not self._queued_bytes or self._queued_bytes + size <= self.high_water:
+                    break
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + self.send_timeout
+                elif now >= deadline:
+                    raise CommError(
+                        CommError.TIMEOUT,
+                        f"connection {self.name} to {fmt_addr(self._peer)}: "
+                        f"peer took nothing for {self.send_timeout} s",
+                    )
+                self._room.wait(min(deadline - now, 1.0))
+            self._queue.append(bufs)
+            self._queued_bytes += size
+            if self._flush_pending:
+                return
+            self._flush_pending = True
+        try:
+            self.loop.call_soon_threadsafe(self._flush)
+        except RuntimeError:  # loop closed under us
+            raise CommError(CommError.CLOSED, f"connection {self.name}: event loop is closed") from None
+
+    def _flush(self) -> None:
+        with self._lock:
+            self._flush_pending = False
+            if self._write_paused or not self._queue:
+                return
+            queue, self._queue = self._queue, deque()
+            self._queued_bytes = 0
+            self._room.notify_all()
+        if self.proto.state is not OPEN or self.transport is None:
+            return
+        self._write_out()  # control frames the protocol queued go first, in order
+        chunks: list = []
+        for bufs in queue:
+            self._encode_data_frame(bufs, chunks)
+        self._write_chunks(chunks)
+
+    def _encode_data_frame(self, bufs: list, out: list) -> None:
+        """Append one binary WebSocket frame carrying ``bufs`` to ``out``, copying as little as we can.
+
+        websockets' serializer would copy the payload into a new bytes (and the receiver would
+        have to join fragments), so data frames are framed here (RFC 6455 5.2); the protocol
+        object still does the handshake, parsing, ping/pong and close.
+        """
+        total = 0
+        for b in bufs:
+            total += b.nbytes if isinstance(b, memoryview) else len(b)
+        mask = not self.is_server
+        mbit = 0x80 if mask else 0
+        if total < 126:
+            hdr = bytes((0x82, mbit | total))
+        elif total < 65536:
+            hdr = _HDR16.pack(0x82, mbit | 126, total)
+        else:
+            hdr = _HDR64.pack(0x82, mbit | 127, total)
+        if total < _JOIN_BELOW:
+            data = bufs[0] if len(bufs) == 1 else b"".join(bufs)
+            if mask:
+                key = secrets.token_bytes(4)
+                out.append(hdr + key + apply_mask(data, key))
+            else:
+                out.append(hdr + data)
+            return
+        if not mask:
+            out.append(hdr)
+            out.extend(bufs)
+            return
+        key = secrets.token_bytes(4)
+        out.append(hdr + key)
+        offset = 0
+        for b in bufs:
+            r = offset & 3
+            out.append(apply_mask(b, key[r:] + key[:r] if r else key))
+            offset += b.nbytes if isinstance(b, memoryview) else len(b)
+
+    def _write_chunks(self, chunks: list) -> None:
+        """Write small chunks joined (one syscall per batch), big ones as they are (no join copy)."""
+        transport = self.transport
+        small: list = []
+        for c in chunks:
+            n = c.nbytes if isinstance(c, memoryview) else len(c)
+            if n < _JOIN_BELOW:
+                small.append(c)
+                continue
+            if small:
+                transport.write(small[0] if len(small) == 1 else b"".join(small))  # type: ignore[union-attr]
+                small = []
+            transport.write(c)  # type: ignore[union-attr]
+        if small:
+            transport.write(small[0] if len(small) == 1 else b"".join(small))  # type: ignore[union-attr]
+
+    def _write_out(self) -> None:
+        transport = self.transport
+        writes = self.proto.data_to_send()
+        if transport is None or not writes:
+            return
+        eof = False
+        if writes[-1] == b"":
+            writes.pop()
+            eof = True
+        if len(writes) > 1 and sum(map(len, writes)) < _JOIN_BELOW * 4:
+            transport.writelines(writes)  # one syscall for a batch of small frames
+        else:
+            for data in writes:
+                if data:
+                    transport.write(data)
+        if eof:
+            # The protocol is done with the stream: flush what is buffered, then close.
+            transport.close()
+
+    # -- closing ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Start the WebSocket close (any thread, idempotent); the driver then removes it."""
+        with self._lock:
+            self._closing = True
+            self._room.notify_all()
+        if not self.lost.is_set():
+            self._call(self._close_on_loop)
+
+    def _close_on_loop(self) -> None:
+        if self.transport is None or self.lost.is_set():
+            return
+        proto = self.proto
+        if proto.state is OPEN:
+            proto.send_close(CloseCode.NORMAL_CLOSURE)
+            self._write_out()
+        elif proto.state is not CLOSED:
+            self.transport.close()
+        self._start_close_timer()
+
+    def abort(self) -> None:
+        """Drop the connection now (loop thread)."""
+        with self._lock:
+            self._closing = True
+            self._room.notify_all()
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _start_close_timer(self) -> None:
+        if self._timer is None and self.transport is not None and not self.lost.is_set():
+            # A peer that never answers the close, or never reads, must not keep us open.
+            self._timer = self.loop.call_later(self.close_timeout, self.transport.abort)
+
+    def _call(self, fn: Any, *args: Any) -> None:
+        if self.lost.is_set():
+            return
+        if threading.get_ident() == self._loop_tid:
+            fn(*args)
+            return
+        try:
+            self.loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the loop is closed: the transport is gone with it
+            pass
+
+
+def _check_message(message: Any, max_frame_size: int) -> str | None:
+    """Why ``message`` is not one well-formed SFM frame, or None if it is."""
+    size = len(message)
+    if size < PREFIX_LEN:
+        return f"binary message of {size} bytes is shorter than the 16-byte SFM prefix"
+    length, header_len = _LEN_AND_HEADER_LEN.unpack_from(message)
+    try:
+        check_prefix(length, header_len, max_frame_size)
+    except CommError as e:
+        return f"bad SFM frame: {e.message}"
+    if length != size:
+        return f"bad SFM frame: length field says {length} bytes but the WebSocket message has {size}"
+    return None

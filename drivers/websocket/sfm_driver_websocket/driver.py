@@ -1,0 +1,268 @@
+"""The WebSocket driver: ``ws://host:port`` and ``http://host:port`` (NVFlare's http scheme).
+
+Passive: an HTTP/1.1 server on the shared asyncio loop that upgrades ``GET /f3`` to a WebSocket
+(other paths: 404; a plain request: 426/400). Active: connects to ``ws://host:port/f3``. Every
+connection of every connector is a plain ``asyncio.Protocol`` on the one loop of
+``sfm_core.aio``; see ``connection.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from typing import Any
+
+from websockets.client import ClientProtocol
+from websockets.server import ServerProtocol
+from websockets.uri import parse_uri
+
+import sfm_core
+from sfm_core import CommError, ConnectorInfo, Driver
+from sfm_core.aio import LoopThread, acquire_loop, release_loop
+from sfm_core.frames import MAX_FRAME_SIZE
+from sfm_core.url import bind_host, connect_host, format_url
+
+from .connection import WebSocketConnection, fmt_addr
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PATH = "/f3"
+DEFAULT_BACKLOG = 65535  # the kernel caps it at net.core.somaxconn
+DEFAULT_SEND_TIMEOUT = 60.0
+DEFAULT_CONNECT_TIMEOUT = 10.0
+DEFAULT_OPEN_TIMEOUT = 10.0
+DEFAULT_CLOSE_TIMEOUT = 2.0
+DEFAULT_HIGH_WATER = 4 * 1024 * 1024
+
+
+def _param(params: dict, key: str, kind: type, default: Any) -> Any:
+    value = params.get(key, default)
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise CommError(
+            CommError.BAD_CONFIG, f"websocket driver: parameter {key}={value!r} is not a {kind.__name__}"
+        ) from None
+
+
+class WebSocketDriver(Driver):
+    """WebSocket (RFC 6455), one SFM frame per binary message, no compression.
+
+    Params (URL query or dict): ``host``, ``port``, ``path`` (default ``/f3``), ``max_frame_size``
+    (the largest message accepted; set on both sides), ``backlog``, ``send_timeout``,
+    ``connect_timeout``, ``open_timeout`` (HTTP upgrade), ``close_timeout``, ``high_water``
+    (bytes queued per connection before ``send_frame`` blocks).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._loop_thread: LoopThread | None = None
+        #: Every transport this driver has open (handshaking or not); loop thread only.
+        self._live: set[WebSocketConnection] = set()
+        self._servers: list[asyncio.AbstractServer] = []
+        self._pending = 0
+
+    @staticmethod
+    def supported_transports() -> list[str]:
+        return ["ws", "http"]
+
+    @staticmethod
+    def capabilities() -> dict[str, Any]:
+        return {
+            "max_frame_size": MAX_FRAME_SIZE,
+            "tls": False,
+            "io": "websockets sans-I/O protocol on the shared asyncio loop (sfm_core.aio)",
+            "path": DEFAULT_PATH,
+        }
+
+    @classmethod
+    def get_urls(cls, scheme: str, resources: dict) -> tuple[str, str]:
+        host = str(resources.get("host") or "localhost")
+        port = int(resources.get("port") or 0)
+        return format_url(scheme, host, port), format_url(scheme, "0", port)
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def _acquire(self) -> LoopThread:
+        lt = acquire_loop()
+        with self._lock:
+            self._pending += 1
+            self._loop_thread = lt
+        return lt
+
+    def _release(self) -> None:
+        with self._lock:
+            self._pending -= 1
+            if not self._pending:
+                self._loop_thread = None
+        release_loop()
+
+    def _options(self, params: dict) -> dict:
+        return {
+            "path": str(params.get("path") or DEFAULT_PATH),
+            "max_frame_size": _param(params, "max_frame_size", int, MAX_FRAME_SIZE),
+            "send_timeout": _param(params, "send_timeout", float, DEFAULT_SEND_TIMEOUT),
+            "open_timeout": _param(params, "open_timeout", float, DEFAULT_OPEN_TIMEOUT),
+            "close_timeout": _param(params, "close_timeout", float, DEFAULT_CLOSE_TIMEOUT),
+            "high_water": _param(params, "high_water", int, DEFAULT_HIGH_WATER),
+        }
+
+    # -- passive -------------------------------------------------------------------------
+
+    def listen(self, connector: ConnectorInfo) -> None:
+        params = connector.params
+        host = bind_host(params.get("host"))
+        port = _param(params, "port", int, 0)
+        backlog = _param(params, "backlog", int, DEFAULT_BACKLOG)
+        opts = self._options(params)
+        lt = self._acquire()
+        loop = lt.loop
+        try:
+
+            def factory() -> WebSocketConnection:
+                # max_size set explicitly: the library default (1 MiB) would cut big frames.
+                proto = ServerProtocol(max_size=opts["max_frame_size"])
+                return WebSocketConnection(self, connector, loop, proto, **opts)
+
+            try:
+                server = lt.run(
+                    loop.create_server(factory, host or None, port, backlog=backlog, reuse_address=True), 30.0
+                )
+            except OSError as e:
+                raise CommError(CommError.ERROR, f"websocket: cannot listen on {host or '*'}:{port}: {e}") from None
+            with self._lock:
+                self._servers.append(server)
+            try:
+                actual = server.sockets[0].getsockname()
+                url_host = params.get("host") if host else "127.0.0.1"
+                if url_host in (None, "0", "0.0.0.0"):
+                    url_host = "127.0.0.1"
+                connector.listening(format_url(params.get("scheme", "ws"), url_host, actual[1]))
+                log.info("websocket: listening on %s%s", fmt_addr(actual), opts["path"])
+                self._stopping.wait()
+            finally:
+                lt.run(self._close_server(server, connector), 30.0)
+        finally:
+            self._release()
+
+    def _server_opened(self, conn: WebSocketConnection) -> None:
+        """A server-side connection finished its upgrade (loop thread)."""
+        if self._stopping.is_set():
+            conn.abort()
+            return
+        self.add_connection(conn)
+        conn.added = True
+
+    async def _close_server(self, server: asyncio.AbstractServer, connector: ConnectorInfo) -> None:
+        server.close()
+        conns = [c for c in self._live if c.connector is connector]
+        for conn in conns:
+            conn._close_on_loop()
+        await _wait_lost(conns, DEFAULT_CLOSE_TIMEOUT + 1.0)
+        with self._lock:
+            if server in self._servers:
+                self._servers.remove(server)
+
+    # -- active --------------------------------------------------------------------------
+
+    def connect(self, connector: ConnectorInfo) -> None:
+        params = connector.params
+        if "port" not in params:
+            raise CommError(CommError.BAD_CONFIG, f"websocket: no port to connect to in {params.get('url') or params}")
+        host = connect_host(params.get("host"))
+        port = _param(params, "port", int, 0)
+        timeout = _param(params, "connect_timeout", float, DEFAULT_CONNECT_TIMEOUT)
+        opts = self._options(params)
+        if self._stopping.is_set():
+            raise CommError(CommError.CLOSED, "websocket driver is shut down")
+        lt = self._acquire()
+        try:
+            conn = lt.run(self._open(connector, host, port, timeout, opts), timeout + 5.0)
+            try:
+                if self._stopping.is_set():
+                    raise CommError(CommError.CLOSED, "websocket driver is shut down")
+                self.add_connection(conn)
+                conn.added = True
+                lt.call_soon(conn.start_reading)
+                # Block for the life of the connection, as the contract says.
+                while not conn.lost.wait(1.0):
+                    if self._stopping.is_set():
+                        conn.close()
+            finally:
+                if not conn.lost.is_set():
+                    conn.close()
+                    if not conn.lost.wait(DEFAULT_CLOSE_TIMEOUT + 1.0):
+                        lt.call_soon(conn.abort)
+                        conn.lost.wait(2.0)
+                self.remove_connection(conn)
+        finally:
+            self._release()
+
+    async def _open(self, connector: ConnectorInfo, host: str, port: int, timeout: float, opts: dict):
+        loop = asyncio.get_running_loop()
+        h = f"[{host}]" if ":" in host else host
+        target = f"ws://{h}:{port}{opts['path']}"
+        uri = parse_uri(target)
+        proto = ClientProtocol(uri, max_size=opts["max_frame_size"])
+        conn = WebSocketConnection(self, connector, loop, proto, **opts)
+        conn.opened = loop.create_future()
+        try:
+            await asyncio.wait_for(loop.create_connection(lambda: conn, host, port), timeout)
+            return await asyncio.wait_for(conn.opened, timeout)
+        except (OSError, asyncio.TimeoutError, CommError) as e:
+            conn.abort()
+            if conn.transport is not None:
+                await _wait_lost([conn], 2.0)
+            if isinstance(e, CommError):
+                raise
+            what = "timed out" if isinstance(e, asyncio.TimeoutError) else str(e)
+            raise CommError(CommError.CLOSED, f"websocket: cannot connect to {target}: {what}") from None
+        except BaseException:
+            conn.abort()
+            raise
+
+    def _on_lost(self, conn: WebSocketConnection) -> None:
+        """A transport is gone (loop thread); nothing to do beyond the connection's own cleanup."""
+
+    # -- shutdown ------------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        self._stopping.set()
+        super().shutdown()
+        lt = self._loop_thread
+        if lt is not None:
+            try:
+                lt.call_soon(self._close_all)
+            except RuntimeError:
+                pass
+
+    def _close_all(self) -> None:
+        for conn in list(self._live):
+            conn._close_on_loop()
+
+
+async def _wait_lost(conns: list[WebSocketConnection], timeout: float) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while any(not c.lost.is_set() for c in conns):
+        if loop.time() >= deadline:
+            for c in conns:
+                if not c.lost.is_set():
+                    c.abort()
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            return
+        await asyncio.sleep(0.01)
+
+
+@sfm_core.hookimpl
+def sfm_bench_baseline(scheme: str) -> Any:
+    """The bare ``websockets`` library (echo/sink between two processes) for ``ws``/``http``."""
+    if scheme not in ("ws", "http"):
+        return None
+    from .bench import WebSocketBaseline
+
+    return WebSocketBaseline("websockets")
