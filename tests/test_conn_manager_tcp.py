@@ -411,3 +411,31 @@ def test_stop_closes_everything_and_is_idempotent(managers) -> None:
     server.stop()
     with pytest.raises(CommError, match="stopped"):
         server.add_connector("tcp://127.0.0.1:0", {}, Mode.PASSIVE)
+
+
+def test_a_slow_receiver_holds_only_its_own_connection(managers) -> None:  # noqa: ANN001
+    server = managers("server")
+    gate = threading.Event()
+    fast_got: list[bytes] = []
+
+    class Router(Collector):
+        def process_message(self, endpoint, connection, app_id, message) -> None:  # noqa: ANN001
+            if endpoint.name == "slow":
+                gate.wait(30)  # this receiver is stuck ...
+            else:
+                fast_got.append(bytes(message.payload))
+
+    server.register_message_receiver(1, Router())
+    url = listen(server)
+    slow, fast = managers("slow"), managers("fast")
+    for c in (slow, fast):
+        c.add_connector(url, {}, Mode.ACTIVE)
+        c.start()
+    slow.send_message(wait_ready(slow, "server"), 1, None, b"stuck")
+    to_server = wait_ready(fast, "server")
+    for i in range(100):
+        fast.send_message(to_server, 1, None, b"%d" % i)
+    # ... while the other connection of the same listener is served in full.
+    wait_until(lambda: len(fast_got) == 100, what="fast messages")
+    assert fast_got == [b"%d" % i for i in range(100)]
+    gate.set()

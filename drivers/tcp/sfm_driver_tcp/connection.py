@@ -16,8 +16,9 @@ log = logging.getLogger(__name__)
 
 _IOV_MAX = 1024
 _SMALL = 2048
-# Reads per readiness event before moving on to other sockets (fairness).
-_READS_PER_EVENT = 16
+# Reads per readiness event, until the socket is drained (EAGAIN) or this many: reading on
+# while data keeps arriving saves a trip through epoll per chunk of a large frame.
+_READS_PER_EVENT = 64
 
 
 class TcpConnection(Connection):
@@ -134,9 +135,7 @@ class TcpConnection(Connection):
         frames: list = []
         try:
             for _ in range(_READS_PER_EVENT):
-                buf = decoder.get_buffer()
-                size = len(buf)
-                n = recv_into(buf)
+                n = recv_into(decoder.get_buffer())
                 if n == 0:
                     if decoder.pending:
                         log.warning(
@@ -149,8 +148,6 @@ class TcpConnection(Connection):
                     self._finish()
                     return
                 frames += decoder.buffer_updated(n)
-                if n < size:
-                    break
         except BlockingIOError:
             pass
         except CommError as e:
