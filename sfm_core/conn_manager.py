@@ -36,6 +36,18 @@ _PING_PAYLOAD = b"\xc0"
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*$")  # msgpack nil, as the original sends
 
 
+_handle_lock = threading.Lock()
+_handle_count = 0
+
+
+def get_handle() -> str:
+    """A new connector handle, unique in this process (``CH00001``, ...)."""
+    global _handle_count
+    with _handle_lock:
+        _handle_count += 1
+        return f"CH{_handle_count:05d}"
+
+
 class SfmEndpoint:
     """A remote endpoint and the SFM connections to it."""
 
@@ -224,7 +236,6 @@ class ConnManager(ConnMonitor):
 
         self._lock = threading.RLock()
         self._ready = threading.Condition(self._lock)
-        self._handle_seq = 0
         self._threads: dict[str, threading.Thread] = {}
         self._stop_event = threading.Event()
         self._dispatcher = Dispatcher(delivery_workers)
@@ -256,8 +267,7 @@ class ConnManager(ConnMonitor):
         with self._lock:
             if self.stopped:
                 raise CommError(CommError.CLOSED, "ConnManager is stopped")
-            self._handle_seq += 1
-            handle = f"CH{self._handle_seq:05d}"
+            handle = get_handle()
             connector = ConnectorInfo(handle, driver, params, mode)
             driver.register_conn_monitor(self)
             self.connectors[handle] = connector

@@ -42,6 +42,11 @@ def listen(manager: ConnManager, url: str = "tcp://127.0.0.1:0") -> str:
     return manager.wait_listening(handle, 5)
 
 
+def server_url(manager: ConnManager) -> str:
+    """The URL of a manager's (only) listener."""
+    return next(iter(manager.connectors.values())).url
+
+
 def pair(managers, server_kw: dict | None = None, client_kw: dict | None = None):
     server = managers("server", {"role": "server"}, **(server_kw or {}))
     client = managers("site-1", {"role": "client", "n": 1}, **(client_kw or {}))
@@ -57,7 +62,7 @@ def test_handshake_exchanges_names_properties_and_connection_details(managers) -
     assert to_client.properties["role"] == "client" and to_client.properties["n"] == 1
     assert "endpoint_name" not in to_client.properties
     assert to_client.conn_props["peer_addr"].startswith("127.0.0.1:")
-    assert to_client.conn_props["local_addr"] == server.connectors["CH00001"].url.removeprefix("tcp://")
+    assert to_client.conn_props["local_addr"] == server_url(server).removeprefix("tcp://")
     assert [c.conn.name for c in client.get_connections("server")] != []
     assert client.get_connections("nobody") is None
 
@@ -307,7 +312,7 @@ def test_a_malformed_frame_closes_only_that_connection(managers, bad: bytes, wha
     server, client, to_server, _ = pair(managers)
     got = Collector()
     server.register_message_receiver(1, got)
-    with RawPeer(server.connectors["CH00001"].url) as peer:
+    with RawPeer(server_url(server)) as peer:
         peer.hello("vandal")
         peer.read_frame()
         peer.send(bad)
@@ -328,7 +333,7 @@ def test_a_bad_handshake_is_refused_and_others_go_on(managers, hello: dict, what
     import msgpack
 
     server, client, to_server, _ = pair(managers)
-    with RawPeer(server.connectors["CH00001"].url) as peer:
+    with RawPeer(server_url(server)) as peer:
         peer.send_frame(FrameType.HELLO, payload=msgpack.packb(hello))
         assert peer.is_closed_by_peer(), what
     assert wait_ready(client, "server") is to_server
@@ -346,7 +351,7 @@ def test_a_peer_that_vanishes_mid_frame_affects_only_its_connection(managers, ca
     server, client, to_server, _ = pair(managers)
     got = Collector()
     server.register_message_receiver(1, got)
-    with RawPeer(server.connectors["CH00001"].url) as peer:
+    with RawPeer(server_url(server)) as peer:
         peer.hello("flaky")
         peer.read_frame()
         wait_ready(server, "flaky")
@@ -413,13 +418,13 @@ def test_stop_closes_everything_and_is_idempotent(managers) -> None:
         server.add_connector("tcp://127.0.0.1:0", {}, Mode.PASSIVE)
 
 
-def test_a_slow_receiver_holds_only_its_own_connection(managers) -> None:  # noqa: ANN001
+def test_a_slow_receiver_holds_only_its_own_connection(managers) -> None:
     server = managers("server")
     gate = threading.Event()
     fast_got: list[bytes] = []
 
     class Router(Collector):
-        def process_message(self, endpoint, connection, app_id, message) -> None:  # noqa: ANN001
+        def process_message(self, endpoint, connection, app_id, message) -> None:
             if endpoint.name == "slow":
                 gate.wait(30)  # this receiver is stuck ...
             else:

@@ -29,32 +29,6 @@ from sfm_core.handshake import build_handshake
 MIB = 1024 * 1024
 
 
-def _warm_grpc() -> None:
-    """Start grpc.aio's process-global poller thread (``Thread-N (_poll_wrapper)``) and fds once."""
-    lt = acquire_loop()
-    try:
-
-        async def touch() -> None:
-            server = grpc.aio.server()
-            server.add_insecure_port("127.0.0.1:0")
-            await server.start()
-            await server.stop(0)
-            channel = grpc.aio.insecure_channel("127.0.0.1:1")
-            await channel.close()
-
-        lt.run(touch(), 10)
-    finally:
-        release_loop()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def grpc_globals():
-    # Module scope runs before the per-test leak check, so grpc's process-global poller
-    # thread is already there and not counted as a leak of the first test.
-    _warm_grpc()
-    yield
-
-
 class Pair:
     """A listening ConnManager "server" and a connecting "site-1", both READY."""
 
@@ -114,7 +88,13 @@ class RawGrpcPeer:
         self.send_frame(FrameType.HELLO, build_handshake(name, {}))
 
     def read(self, timeout: float = 5.0):
-        msg = self.lt.run(self.call.read(), timeout)
+        async def read_():
+            try:
+                return await self.call.read()
+            except grpc.aio.AioRpcError:  # the server ended the stream with an error status
+                return grpc.aio.EOF
+
+        msg = self.lt.run(read_(), timeout)
         if msg is grpc.aio.EOF:
             return None
         return streamer_pb2.Frame.FromString(msg).data
@@ -133,6 +113,8 @@ class RawGrpcPeer:
         try:
             self.lt.run(close_(), 10)
         finally:
+            # grpc.aio keeps its poller thread while any of its objects lives.
+            self.call = self.channel = None
             release_loop()
 
 
@@ -258,8 +240,8 @@ def test_batching_not_used_toward_a_peer_without_sfm_ext(raw_peers):
 
 @pytest.fixture
 def listener():
-    server = ConnManager(Endpoint("server"))
-    h = server.add_connector("grpc://127.0.0.1:0?max_frame_size=65536", {}, Mode.PASSIVE)
+    server = ConnManager(Endpoint("server"), max_frame_size=65536)
+    h = server.add_connector("grpc://127.0.0.1:0", {}, Mode.PASSIVE)
     server.start()
     url = server.wait_listening(h)
     yield server, url
@@ -401,7 +383,12 @@ def test_send_after_close_raises(pair):
     client_conn.close()  # idempotent
 
 
+@pytest.mark.allow_leaks
 def test_cannot_bind_a_port_in_use(pair):
+    # grpc core keeps two epoll and two eventfd descriptors (no thread) for the rest of the
+    # process after a failed bind, even after gc; checked by hand below instead of no_leaks.
+    threads = set(threading.enumerate())
+    fds = set(os.listdir("/proc/self/fd"))
     port = int(pair.url.rsplit(":", 1)[1])
     other = ConnManager(Endpoint("other"))
     h = other.add_connector(f"grpc://127.0.0.1:{port}", {}, Mode.PASSIVE)
@@ -411,6 +398,14 @@ def test_cannot_bind_a_port_in_use(pair):
             other.wait_listening(h, 10)
     finally:
         other.stop()
+    assert set(threading.enumerate()) <= threads
+    left = []
+    for fd in set(os.listdir("/proc/self/fd")) - fds:
+        try:
+            left.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            pass
+    assert all(t in ("anon_inode:[eventpoll]", "anon_inode:[eventfd]") for t in left), left
 
 
 def test_connect_refused_raises_commerror():
