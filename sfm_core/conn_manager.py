@@ -250,7 +250,6 @@ class ConnManager(ConnMonitor):
         Returns the connector's handle. If the manager is started, the connector starts now.
         """
         params = dict(params or {})
-        params.setdefault("max_frame_size", self.max_frame_size)
         mode = Mode(mode)
         if isinstance(driver, str):
             if "://" in driver or not _SCHEME.match(driver):
@@ -264,6 +263,8 @@ class ConnManager(ConnMonitor):
             raise CommError(CommError.BAD_CONFIG, f"add_connector needs a Driver, URL or scheme, got {driver!r}")
         if "scheme" not in params:
             params["scheme"] = driver.supported_transports()[0]
+        # After the URL's own query params, so that ?max_frame_size= in a URL still wins.
+        params.setdefault("max_frame_size", self.max_frame_size)
         with self._lock:
             if self.stopped:
                 raise CommError(CommError.CLOSED, "ConnManager is stopped")

@@ -1,0 +1,363 @@
+"""One SFM connection over one gRPC ``Stream`` call, served by tasks on the shared asyncio loop."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import struct
+import threading
+import time
+from typing import Any
+
+import grpc
+from sfm_core import CommError, Connection, ConnectorInfo
+from sfm_core.frames import PREFIX_LEN, check_prefix
+
+from . import wire
+
+log = logging.getLogger(__name__)
+
+#: The extension name for several SFM frames in one ``Frame.data`` (see docs/drivers/grpc.md).
+BATCH_EXTENSION = "grpc-batch"
+
+_LEN_AND_HEADER_LEN = struct.Struct(">IH")
+
+
+class GrpcConnection(Connection):
+    """An SFM connection on a bidirectional gRPC stream (server context or client call).
+
+    Sending (any thread): the frame's buffers are joined once into a serialized ``Frame`` on
+    the caller's thread, appended to a deque, and the loop is woken only if the writer task
+    is idle, so a burst of sends costs one wake-up. The caller blocks while more than
+    ``send_queue_bytes`` wait to be written (the writer waits on gRPC flow control, so a
+    slow peer slows the sender). Receiving: a reader task on the loop validates each
+    ``Frame.data`` and hands the frame(s) to the core as memoryviews of the received message.
+    """
+
+    supports_pause = True
+
+    def __init__(
+        self,
+        connector: ConnectorInfo | None,
+        driver: Any,
+        loop: asyncio.AbstractEventLoop,
+        stream: Any,
+        *,
+        peer_addr: str,
+        local_addr: str,
+        max_frame_size: int,
+        send_timeout: float,
+        send_queue_bytes: int,
+        batch: bool,
+        batch_bytes: int,
+        channel: Any = None,
+        is_server: bool = False,
+    ) -> None:
+        self._extensions: frozenset[str] = frozenset()
+        self._ext_known = False
+        super().__init__(connector)
+        self._driver = driver
+        self._loop = loop
+        self._stream = stream  # grpc.aio ServicerContext or StreamStreamCall: read()/write()
+        self._channel = channel  # the client's own channel, closed with the connection
+        self._is_server = is_server
+        self._peer = peer_addr
+        self._local = local_addr
+        self._max_frame_size = max_frame_size
+        self._send_timeout = send_timeout
+        self._send_queue_bytes = send_queue_bytes
+        self._offer = (BATCH_EXTENSION,) if batch else ()
+        self._batch_bytes = batch_bytes
+        self._seq = 0
+        self._lock = threading.Lock()
+        self._room = threading.Condition(self._lock)
+        self._queue: collections.deque = collections.deque()
+        self._queued_bytes = 0
+        self._send_waiters = 0
+        self._wake_pending = True  # until the writer task runs and finds the queue empty
+        self._wake_fut: asyncio.Future | None = None
+        self._paused = False
+        self._resume_fut: asyncio.Future | None = None
+        self._closing = False
+        self._bad_data: str | None = None
+        self._ended: asyncio.Future | None = None
+        #: gRPC messages and SFM frames moved so far (batching shows as frames > messages).
+        self.stats = {"messages_in": 0, "frames_in": 0, "messages_out": 0, "frames_out": 0}
+        self._ext_known = True
+
+    # -- properties and extensions -------------------------------------------------------
+
+    @property
+    def extensions(self) -> frozenset[str]:  # type: ignore[override]
+        return self._extensions
+
+    @extensions.setter
+    def extensions(self, value: frozenset[str]) -> None:
+        # The core sets this once the handshake is done; until then a batch from the peer is
+        # accepted if we offered batching (the peer may have seen our READY before we get here).
+        self._extensions = frozenset(value)
+        self._ext_known = getattr(self, "_ext_known", False)
+
+    def offered_extensions(self) -> tuple[str, ...]:
+        return self._offer
+
+    def get_conn_properties(self) -> dict:
+        """``peer_addr`` as gRPC reports it (``ipv4:127.0.0.1:50051``), ``local_addr``, ``transport``."""
+        return {"peer_addr": self._peer, "local_addr": self._local, "transport": "grpc"}
+
+    # -- sending (any thread; the core serialises sends per connection) --------------------
+
+    def send_frame(self, frame: Any) -> None:
+        bufs = frame if isinstance(frame, list) else [frame]
+        if self._closing:
+            raise CommError(CommError.CLOSED, f"connection {self.name} to {self._peer} is closed")
+        self._seq = (self._seq + 1) & 0x7FFFFFFF
+        data_len = sum(b.nbytes if isinstance(b, memoryview) else len(b) for b in bufs)
+        env = wire.envelope(self._seq, data_len)
+        msg = b"".join([env, *bufs])  # the one copy: gRPC needs one bytes object per message
+        size = len(msg)
+        with self._lock:
+            if self._queued_bytes and self._queued_bytes + size > self._send_queue_bytes:
+                self._wait_for_room(size)
+            if self._closing:
+                raise CommError(CommError.CLOSED, f"connection {self.name} to {self._peer} closed while sending")
+            self._queue.append((msg, len(env)))
+            self._queued_bytes += size
+            wake = not self._wake_pending
+            self._wake_pending = True
+        if wake:
+            try:
+                self._loop.call_soon_threadsafe(self._wake_writer)
+            except RuntimeError:  # loop closed under us: the connection is gone
+                raise CommError(CommError.CLOSED, f"connection {self.name}: event loop is closed") from None
+
+    def _wait_for_room(self, size: int) -> None:
+        # Called with the lock held. Never block the loop thread itself: it is the writer.
+        if self._is_loop_thread():
+            return
+        deadline = time.monotonic() + self._send_timeout
+        self._send_waiters += 1
+        try:
+            while not self._closing and self._queued_bytes and self._queued_bytes + size > self._send_queue_bytes:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise CommError(
+                        CommError.TIMEOUT,
+                        f"connection {self.name} to {self._peer}: {self._queued_bytes} bytes not taken by the peer "
+                        f"within {self._send_timeout} s",
+                    )
+                self._room.wait(left)
+        finally:
+            self._send_waiters -= 1
+
+    def _is_loop_thread(self) -> bool:
+        try:
+            return asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            return False
+
+    def _wake_writer(self) -> None:
+        fut = self._wake_fut
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    def _take(self) -> tuple[bytes, int, int] | None:
+        """Next message to write (several frames in one when batching is agreed), or None if idle."""
+        with self._lock:
+            q = self._queue
+            if not q:
+                self._wake_pending = False
+                return None
+            msg, env_len = q.popleft()
+            size = len(msg)
+            if (
+                not q
+                or BATCH_EXTENSION not in self._extensions
+                or size - env_len >= self._batch_bytes
+                or len(q[0][0]) - q[0][1] >= self._batch_bytes
+            ):
+                return msg, size, 1
+            parts = [memoryview(msg)[env_len:]]
+            total = size - env_len
+            limit = self._batch_bytes
+            while q:
+                nxt, nxt_env = q[0]
+                n = len(nxt) - nxt_env
+                if total + n > limit:
+                    break
+                q.popleft()
+                parts.append(memoryview(nxt)[nxt_env:])
+                total += n
+                size += len(nxt)
+        if len(parts) == 1:
+            return msg, size, 1
+        return wire.encode(self._seq & 0x7FFFFFFF, parts), size, len(parts)
+
+    async def _write_loop(self) -> None:
+        write = self._stream.write
+        loop = self._loop
+        stats = self.stats
+        while True:
+            item = self._take()
+            if item is None:
+                fut = self._wake_fut = loop.create_future()
+                await fut
+                continue
+            msg, accounted, nframes = item
+            await write(msg)
+            stats["messages_out"] += 1
+            stats["frames_out"] += nframes
+            with self._lock:
+                self._queued_bytes -= accounted
+                if self._send_waiters:
+                    self._room.notify_all()
+
+    # -- receiving (loop thread) -----------------------------------------------------------
+
+    def _accept_batch(self) -> bool:
+        if not self._offer:
+            return False
+        return not self._ext_known or BATCH_EXTENSION in self._extensions
+
+    def split(self, message: bytes | memoryview) -> list:
+        """The SFM frame(s) in one serialized ``Frame``; ``CommError(BAD_DATA)`` naming what is wrong."""
+        _seq, data = wire.decode(message)
+        n = data.nbytes
+        if n < PREFIX_LEN:
+            raise CommError(CommError.BAD_DATA, f"Frame.data of {n} bytes is shorter than the 16-byte SFM prefix")
+        length, header_len = _LEN_AND_HEADER_LEN.unpack_from(data, 0)
+        check_prefix(length, header_len, self._max_frame_size)
+        if length == n:
+            return [data]
+        if length > n or not self._accept_batch():
+            raise CommError(CommError.BAD_DATA, f"frame length field says {length} bytes but Frame.data has {n}")
+        frames = []
+        pos = 0
+        while pos < n:
+            if n - pos < PREFIX_LEN:
+                raise CommError(CommError.BAD_DATA, f"batched Frame.data ends with {n - pos} bytes, not a whole frame")
+            length, header_len = _LEN_AND_HEADER_LEN.unpack_from(data, pos)
+            check_prefix(length, header_len, self._max_frame_size)
+            if pos + length > n:
+                raise CommError(
+                    CommError.BAD_DATA,
+                    f"batched frame at offset {pos} says {length} bytes but only {n - pos} are left in Frame.data",
+                )
+            frames.append(data[pos : pos + length])
+            pos += length
+        return frames
+
+    async def _read_loop(self) -> None:
+        read = self._stream.read
+        loop = self._loop
+        stats = self.stats
+        while True:
+            if self._paused:
+                fut = self._resume_fut = loop.create_future()
+                if self._paused:
+                    await fut
+                self._resume_fut = None
+                continue
+            message = await read()
+            if message is grpc.aio.EOF:
+                log.debug("connection %s: peer %s ended the stream", self.name, self._peer)
+                return
+            frames = self.split(message)
+            stats["messages_in"] += 1
+            stats["frames_in"] += len(frames)
+            self.process_frames(frames)
+
+    def pause_reading(self) -> None:
+        self._paused = True
+
+    def resume_reading(self) -> None:
+        self._paused = False
+        try:
+            self._loop.call_soon_threadsafe(self._wake_reader)
+        except RuntimeError:  # loop already closed: nothing to resume
+            pass
+
+    def _wake_reader(self) -> None:
+        fut = self._resume_fut
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    # -- life --------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve the stream until it ends, fails or :meth:`close`; then tell the driver (loop thread)."""
+        self._ended = self._loop.create_future()
+        if self._closing:
+            self._ended.set_result(None)
+        reader = asyncio.ensure_future(self._guard(self._read_loop(), "receive"))
+        writer = asyncio.ensure_future(self._guard(self._write_loop(), "send"))
+        try:
+            await asyncio.wait({reader, writer, self._ended}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._mark_closing()
+            try:
+                for task in (reader, writer):
+                    task.cancel()
+                await asyncio.gather(reader, writer, return_exceptions=True)
+                await self._end_stream(self._bad_data)
+            finally:
+                # The core keeps cycles through this connection (its receiver, its lane) that
+                # only the garbage collector frees; grpc.aio keeps its process-global poller
+                # thread and fds while any of its objects lives, so let go of them now, even
+                # when this task is cancelled again while cleaning up.
+                self._stream = self._channel = None
+                self._driver.remove_connection(self)
+
+    async def _guard(self, coro: Any, what: str) -> None:
+        # Errors are logged here and not kept in the task: an exception's traceback would hold
+        # the stream (and so grpc.aio's global state) alive until the garbage collector runs.
+        try:
+            await coro
+        except CommError as e:
+            if e.code == CommError.BAD_DATA:
+                self._bad_data = e.message
+                log.warning("connection %s: closing, bad data from %s: %s", self.name, self._peer, e.message)
+            else:
+                log.info("connection %s to %s: %s failed: %s", self.name, self._peer, what, e)
+        except grpc.aio.AioRpcError as e:
+            log.info("connection %s to %s: %s failed: %s %s", self.name, self._peer, what, e.code().name, e.details())
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # e.g. a write after the peer ended the call
+            log.info("connection %s to %s: %s failed: %s: %s", self.name, self._peer, what, type(e).__name__, e)
+
+    async def _end_stream(self, bad: str | None) -> None:
+        if self._is_server:
+            if bad is not None:
+                # The handler's return ends the RPC; say why in its status for the peer.
+                self._stream.set_code(grpc.StatusCode.INVALID_ARGUMENT)
+                self._stream.set_details(f"sfm: {bad}"[:1000])
+            return
+        self._stream.cancel()
+        if self._channel is not None:
+            await self._channel.close()
+
+    def _mark_closing(self) -> None:
+        with self._lock:
+            self._closing = True
+            self._queue.clear()
+            self._room.notify_all()
+
+    def close(self) -> None:
+        """End the stream (idempotent, any thread); the loop then calls ``remove_connection``."""
+        if self._closing:
+            return
+        self._mark_closing()
+        if self._is_loop_thread():
+            self._set_ended()
+            return
+        try:
+            self._loop.call_soon_threadsafe(self._set_ended)
+        except RuntimeError:  # the loop is gone, so is the stream
+            self._driver.remove_connection(self)
+
+    def _set_ended(self) -> None:
+        fut = self._ended
+        if fut is not None and not fut.done():
+            fut.set_result(None)
