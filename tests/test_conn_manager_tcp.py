@@ -260,8 +260,10 @@ def test_message_over_the_configured_maximum_is_refused(managers) -> None:
 
 
 def test_heartbeats_keep_a_quiet_connection_alive(managers) -> None:
+    # Only the client's heartbeat is fast, so it is the one that must PING, and the
+    # server's PONGs are all that keeps its connection from looking dead.
     fast = {"heartbeat_interval": 0.2, "heartbeat_check": 0.05}
-    server, client, to_server, _ = pair(managers, server_kw=fast, client_kw=fast)
+    server, client, to_server, _ = pair(managers, server_kw={"heartbeat_interval": 30}, client_kw=fast)
     conn = client.get_connections("server")[0]
     time.sleep(1.5)  # several intervals of silence from the application
     assert client.get_connections("server")[0] is conn  # still the same, live connection
