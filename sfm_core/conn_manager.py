@@ -9,6 +9,7 @@ the handshake, heartbeat or the app's :class:`MessageReceiver`.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import random
@@ -136,6 +137,20 @@ class SfmConnection:
             except Exception as e:
                 raise CommError(CommError.ERROR, f"send on {self.conn.name} failed: {type(e).__name__}: {e}") from e
 
+    def send_ping(self) -> bool:
+        """Send a PING unless a send is in progress (which shows we are not idle); True if sent."""
+        if not self._send_lock.acquire(blocking=False):
+            return False
+        try:
+            self._seq = seq = (self._seq + 1) & 0xFFFF
+            sfm_ep = self.sfm_endpoint
+            stream_id = sfm_ep.next_stream_id() if sfm_ep is not None else 1
+            head = fr.PREFIX.pack(fr.PREFIX_LEN + 1, 0, FrameType.PING, 0, 0, 0, stream_id, seq)
+            self.conn.send_frame([head, _PING_PAYLOAD])
+            return True
+        finally:
+            self._send_lock.release()
+
     def send_handshake(self, frame_type: int, extensions: Any = ()) -> None:
         ep = self.local_endpoint
         payload = build_handshake(ep.name, ep.properties, extensions)
@@ -236,6 +251,9 @@ class ConnManager(ConnMonitor):
 
         self._lock = threading.RLock()
         self._ready = threading.Condition(self._lock)
+        # Serialises monitor notifications, so a READY and a DISCONNECTED are never told in
+        # the wrong order by two threads.
+        self._notify_lock = threading.RLock()
         self._threads: dict[str, threading.Thread] = {}
         self._stop_event = threading.Event()
         self._dispatcher = Dispatcher(delivery_workers)
@@ -408,6 +426,9 @@ class ConnManager(ConnMonitor):
 
     def handle_new_connection(self, connection: Connection) -> None:
         """Set up a new driver connection; the active side starts the handshake."""
+        if self.stopped:
+            connection.close()  # e.g. a connect that completed while stop() ran
+            return
         mode = connection.connector.mode if connection.connector else Mode.PASSIVE
         sfm_conn = SfmConnection(connection, self.local_endpoint, mode, self.max_frame_size)
         pause = connection.pause_reading if connection.supports_pause else None
@@ -434,31 +455,24 @@ class ConnManager(ConnMonitor):
         """Forget a closed connection; its endpoint is DISCONNECTED when no connection is left."""
         with self._lock:
             sfm_conn = self.sfm_conns.pop(connection.name, None)
-        if sfm_conn is None:
-            return
-        if sfm_conn.lane is not None:
-            # Frames already received are still delivered, after which the lane goes idle.
-            pass
-        sfm_ep = sfm_conn.sfm_endpoint
-        if sfm_ep is None:
-            return
-        gone = False
-        with self._lock:
-            if sfm_conn in sfm_ep.connections:
-                sfm_ep.connections = [c for c in sfm_ep.connections if c is not sfm_conn]
-            if not sfm_ep.connections and self.sfm_endpoints.get(sfm_ep.endpoint.name) is sfm_ep:
-                del self.sfm_endpoints[sfm_ep.endpoint.name]
-                gone = True
-        if gone:
+            if sfm_conn is None or sfm_conn.sfm_endpoint is None:
+                return
+            sfm_ep = sfm_conn.sfm_endpoint
+            sfm_ep.connections = [c for c in sfm_ep.connections if c is not sfm_conn]
+            if sfm_ep.connections or self.sfm_endpoints.get(sfm_ep.endpoint.name) is not sfm_ep:
+                return  # other connections remain, or a newer one replaced this endpoint
+            del self.sfm_endpoints[sfm_ep.endpoint.name]
             sfm_ep.endpoint.state = EndpointState.DISCONNECTED
-            self._submit_notify(sfm_conn, sfm_ep.endpoint)
-
-    def _submit_notify(self, sfm_conn: SfmConnection, endpoint: Endpoint) -> None:
-        # Through the connection's lane, so monitors hear of the disconnect after its messages.
+        # Through the connection's lane (if any), so monitors hear of it after its messages.
         lane = sfm_conn.lane
-        if lane is not None and self.started and not self.stopped:
-            lane.submit((lambda: self.notify_monitors(endpoint),))
-        else:  # inline drivers close on the thread that delivered the last frames
+        task = functools.partial(self._notify_disconnected, sfm_ep.endpoint)
+        if lane is None or not self.started or self.stopped or not lane.submit((task,)):
+            task()
+
+    def _notify_disconnected(self, endpoint: Endpoint) -> None:
+        with self._notify_lock:
+            if self.sfm_endpoints.get(endpoint.name) is not None:
+                return  # it came back meanwhile: a stale DISCONNECTED would contradict its READY
             self.notify_monitors(endpoint)
 
     # -- receiving -----------------------------------------------------------------------
@@ -530,28 +544,41 @@ class ConnManager(ConnMonitor):
         self.update_endpoint(sfm_conn, {"endpoint_name": hello.name, **hello.properties})
 
     def update_endpoint(self, sfm_conn: SfmConnection, data: dict) -> None:
-        """Record the peer named in a handshake map on this connection; the endpoint is READY."""
+        """Record the peer named in a handshake map on this connection; the endpoint is READY.
+
+        As in the original, a new handshake from an endpoint name replaces that endpoint's
+        older connections (typically half-open ones of a client that reconnected): they are
+        closed, and the endpoint stays READY throughout.
+        """
         name = data.get("endpoint_name")
         if not name:
             raise CommError(CommError.BAD_DATA, "handshake has no endpoint_name")
         properties = {k: v for k, v in data.items() if k != "endpoint_name"}
+        conn_props = sfm_conn.conn.get_conn_properties()
         with self._lock:
             if sfm_conn.name not in self.sfm_conns:
                 return  # closed while the handshake was queued
             sfm_ep = self.sfm_endpoints.get(name)
+            replaced: list[SfmConnection] = []
             if sfm_ep is None:
-                endpoint = Endpoint(name, properties, sfm_conn.conn.get_conn_properties())
-                sfm_ep = SfmEndpoint(endpoint)
+                sfm_ep = SfmEndpoint(Endpoint(name, properties, conn_props))
                 self.sfm_endpoints[name] = sfm_ep
             else:
+                replaced = sfm_ep.connections
                 sfm_ep.endpoint.properties = properties
-            sfm_ep.connections = [*sfm_ep.connections, sfm_conn]
+                sfm_ep.endpoint.conn_props = conn_props
+            sfm_ep.connections = [sfm_conn]
             sfm_conn.sfm_endpoint = sfm_ep
             changed = sfm_ep.endpoint.state != EndpointState.READY
             sfm_ep.endpoint.state = EndpointState.READY
             self._ready.notify_all()
+        for old in replaced:
+            log.info("%s: %s replaced by a newer connection from %s", self.local_endpoint.name, old.name, name)
+            old.close()
         if changed:
-            self.notify_monitors(sfm_ep.endpoint)
+            with self._notify_lock:
+                if self.sfm_endpoints.get(name) is sfm_ep and sfm_ep.endpoint.state == EndpointState.READY:
+                    self.notify_monitors(sfm_ep.endpoint)
 
     # -- sending -------------------------------------------------------------------------
 
@@ -704,9 +731,10 @@ class ConnManager(ConnMonitor):
                     )
                     sfm_conn.close()
                 elif silent >= self.heartbeat_interval and now - sfm_conn.last_ping >= self.heartbeat_interval:
-                    sfm_conn.last_ping = now
-                    stream_id = sfm_conn.sfm_endpoint.next_stream_id()
-                    sfm_conn.send_frame(FrameType.PING, 0, stream_id, None, _PING_PAYLOAD)
+                    # Never wait behind a sender blocked on a slow peer: this thread
+                    # serves the timeouts of every connection.
+                    if sfm_conn.send_ping():
+                        sfm_conn.last_ping = now
             except CommError as e:
                 log.info("%s: heartbeat on %s failed: %s", self.local_endpoint.name, sfm_conn.name, e)
             except Exception:

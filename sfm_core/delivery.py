@@ -111,11 +111,11 @@ class Lane:
         self._paused = False
         self._closed = False
 
-    def submit(self, items: Sequence[Any], nbytes: int = 0) -> None:
-        """Queue items (from an I/O thread). Applies backpressure when the lane is full."""
+    def submit(self, items: Sequence[Any], nbytes: int = 0) -> bool:
+        """Queue items (from an I/O thread); False if the lane is closed. Applies backpressure."""
         with self._lock:
             if self._closed:
-                return
+                return False
             self._items.extend(items)
             self._bytes += nbytes
             full = len(self._items) >= self._max_items or self._bytes >= self._max_bytes
@@ -123,15 +123,16 @@ class Lane:
                 self._scheduled = True
                 self._dispatcher._ready.put(self)
             if not full:
-                return
+                return True
             if self._pause is not None:
                 if not self._paused:
                     self._paused = True
                     self._pause()
-                return
+                return True
             # The driver cannot pause: hold its reading thread until there is room.
             while not self._closed and (len(self._items) >= self._max_items or self._bytes >= self._max_bytes):
                 self._room.wait(1.0)
+            return True
 
     def close(self) -> None:
         """Drop what is queued and release a blocked submitter."""
@@ -156,7 +157,7 @@ class Lane:
                 handler(item)
             except Exception:  # the handler reports its own errors; this is a last resort
                 log.exception("delivery handler failed")
-            done_bytes += len(item) if isinstance(item, (bytes, bytearray, memoryview)) else 0
+            done_bytes += 0 if callable(item) else len(item)
         resume = False
         with self._lock:
             self._bytes = max(0, self._bytes - done_bytes)

@@ -8,6 +8,7 @@ buffers so an I/O layer can ``recv_into`` them directly (the asyncio ``BufferedP
 
 from __future__ import annotations
 
+import mmap
 import struct
 from collections.abc import Sequence
 from enum import IntEnum
@@ -73,8 +74,18 @@ def payload_buffers(payload: Payload | None) -> list:
     if payload is None:
         return []
     if isinstance(payload, (bytes, bytearray, memoryview)):
-        return [payload] if len(payload) else []
-    return [b for b in payload if len(b)]
+        payload = [payload]
+    # Byte-format views, so len() is the byte count everywhere downstream (drivers sum lens).
+    return [_as_bytes_view(b) for b in payload if len(b)]
+
+
+def _as_bytes_view(buf: Buffer) -> Buffer:
+    if isinstance(buf, memoryview) and (buf.format != "B" or buf.ndim != 1):
+        try:
+            return buf.cast("B")
+        except TypeError:
+            raise CommError(CommError.BAD_DATA, "payload memoryview must be C-contiguous") from None
+    return buf
 
 
 def encode_head(
@@ -198,6 +209,18 @@ def decode_headers(data: Buffer) -> dict:
     return headers
 
 
+#: Frames from this size on are received into anonymous memory maps: the kernel commits their
+#: pages as data arrives, so a prefix that claims 2 GiB costs nothing until 2 GiB really come.
+LAZY_FRAME = 1024 * 1024
+
+
+def _frame_buffer(length: int) -> bytearray | mmap.mmap:
+    """A writable buffer of ``length`` bytes for one large frame."""
+    if length >= LAZY_FRAME:
+        return mmap.mmap(-1, length)
+    return bytearray(length)
+
+
 class FrameDecoder:
     """Incremental decoder: bytes in, whole frames out.
 
@@ -209,8 +232,9 @@ class FrameDecoder:
     Small frames are read many at a time into one reusable buffer and copied out once as
     ``bytes``. That buffer starts at ``initial_size`` (an idle connection costs little) and
     doubles, up to ``buffer_size``, whenever a read fills it. A frame that does not fit in
-    half the buffer (or exceeds ``large_frame``) gets its own ``bytearray`` sized from its
-    prefix, and :meth:`get_buffer` then hands out the rest of that buffer, so the payload is
+    half the buffer (or exceeds ``large_frame``) gets its own buffer sized from its prefix (a
+    ``bytearray``, or from 1 MiB an anonymous ``mmap`` whose pages are committed only as data
+    arrives), and :meth:`get_buffer` then hands out the rest of that buffer, so the payload is
     received in place and never copied again.
     """
 
@@ -231,7 +255,7 @@ class FrameDecoder:
         self._start = 0
         self._end = 0
         self._filled = False
-        self._large: bytearray | None = None
+        self._large: bytearray | mmap.mmap | None = None
         self._large_filled = 0
 
     @property
@@ -306,7 +330,7 @@ class FrameDecoder:
                 start += length
             elif length > own_buffer_above:
                 have = end - start
-                large = bytearray(length)
+                large = _frame_buffer(length)
                 large[:have] = view[start:end]
                 self._large, self._large_filled = large, have
                 start = end = 0

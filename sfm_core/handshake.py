@@ -15,24 +15,24 @@ ENDPOINT_NAME_KEY = "endpoint_name"
 TIMESTAMP_KEY = "timestamp"
 EXTENSIONS_KEY = "sfm_ext"
 
-_NAME_PART = re.compile(r"^[A-Za-z0-9_\-]+$")
+_NAME_PART = re.compile(r"[A-Za-z0-9_~\-]+")
 
 
 def validate_endpoint_name(name: object) -> str:
     """Return ``name`` if NVFlare would accept it, else raise ``CommError(BAD_CONFIG)``.
 
-    Rules: non-empty; characters ``A-Z a-z 0-9 _ . -``; no empty dot-separated part; no part
+    Rules: non-empty; characters ``A-Z a-z 0-9 _ ~ . -``; no empty dot-separated part; no part
     repeated.
     """
     if not isinstance(name, str) or not name:
         raise CommError(CommError.BAD_CONFIG, f"endpoint name must be a non-empty string, got {name!r}")
     parts = name.split(".")
     for part in parts:
-        if not _NAME_PART.match(part):
+        if not _NAME_PART.fullmatch(part):
             raise CommError(
                 CommError.BAD_CONFIG,
                 f"invalid endpoint name {name!r}: each dot-separated part must be non-empty "
-                "and use only A-Z a-z 0-9 _ -",
+                "and use only A-Z a-z 0-9 _ ~ -",
             )
     if len(set(parts)) != len(parts):
         raise CommError(CommError.BAD_CONFIG, f"invalid endpoint name {name!r}: a dot-separated part is repeated")

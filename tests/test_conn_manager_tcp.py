@@ -446,3 +446,159 @@ def test_a_slow_receiver_holds_only_its_own_connection(managers) -> None:
     wait_until(lambda: len(fast_got) == 100, what="fast messages")
     assert fast_got == [b"%d" % i for i in range(100)]
     gate.set()
+
+
+def test_a_send_that_times_out_half_way_closes_the_connection_and_corrupts_nothing(managers) -> None:
+    server = managers("server")
+    got = Collector()
+    got.gate = threading.Event()  # the server's receiver is stuck: nothing is read
+    server.register_message_receiver(1, got)
+    url = listen(server)
+    client = managers("site-1", reconnect_min=0.05, reconnect_max=0.2)
+    client.add_connector(url + "?send_timeout=0.5", {}, Mode.ACTIVE)
+    client.start()
+    to_server = wait_ready(client, "server")
+    client.send_message(to_server, 1, None, b"first")  # holds the server's receiver
+    [first_conn] = client.get_connections("server")
+    with pytest.raises(CommError, match="peer took nothing for 0.5 s") as err:
+        client.send_message(to_server, 1, None, b"x" * (64 << 20))  # more than the buffers take
+    assert err.value.code == CommError.TIMEOUT
+    got.gate.set()
+    # Part of that frame went out, so the connection was closed; a new one carries on.
+    wait_until(lambda: client.get_connections("server") != [first_conn], timeout=10, what="old connection closed")
+    client.send_message(client.wait_for_endpoint("server"), 1, None, b"after")
+    msgs = got.wait_for(2)
+    assert [m[3] for m in msgs] == [b"first", b"after"]  # the cut frame never became a message
+
+
+def test_a_prefix_claiming_a_huge_frame_commits_no_memory(managers) -> None:
+    import psutil
+
+    server = managers("server")
+    url = listen(server)
+    rss = psutil.Process().memory_info().rss
+    peers = [RawPeer(url) for _ in range(4)]
+    try:
+        for peer in peers:
+            peer.send(PREFIX.pack(1 << 30, 0, 1, 0, 0, 1, 17, 1) + b"x" * 16)  # "1 GiB follows"
+        time.sleep(0.5)
+        grown = psutil.Process().memory_info().rss - rss
+        assert grown < 64 << 20, f"RSS grew by {grown >> 20} MiB for 4 x 32 bytes"
+    finally:
+        for peer in peers:
+            peer.close()
+
+
+def test_two_peers_replying_large_messages_to_each_other_do_not_deadlock(managers) -> None:
+    # Each receiver answers a request with 32 MiB on the same connection, both at once:
+    # with delivery on the reading thread, both reading threads are busy sending, so each
+    # keeps reading while it waits for the socket to drain.
+    fast = {"reconnect_min": 5.0}
+    server, client, to_server, to_client = pair(managers, client_kw=fast)
+    done: dict[str, str] = {}
+    big = b"r" * (32 << 20)
+    sinks = {"server": Collector(), "site-1": Collector()}
+
+    class Replier(Collector):
+        def __init__(self, manager: ConnManager) -> None:
+            super().__init__()
+            self.manager = manager
+
+        def process_message(self, endpoint, connection, app_id, message) -> None:
+            try:
+                self.manager.send_message(endpoint, 2, None, big)
+                done[self.manager.local_endpoint.name] = "ok"
+            except CommError as e:
+                done[self.manager.local_endpoint.name] = str(e)
+
+    for m in (server, client):
+        m.register_message_receiver(1, Replier(m))
+        m.register_message_receiver(2, sinks[m.local_endpoint.name])
+    server.send_message(to_client, 1, None, b"request")
+    client.send_message(to_server, 1, None, b"request")
+    wait_until(lambda: len(done) == 2, timeout=30, what="both replies sent")
+    assert done == {"server": "ok", "site-1": "ok"}
+    for sink in sinks.values():
+        assert sink.wait_for(1, timeout=30)[0][3] == big
+
+
+def test_heartbeat_checks_go_on_while_a_sender_is_blocked(managers) -> None:
+    server = managers("server", handshake_timeout=0.5, heartbeat_interval=0.2, heartbeat_check=0.05)
+    got = Collector()
+    got.gate = threading.Event()
+    server.register_message_receiver(1, got)
+    url = listen(server)
+    with RawPeer(url) as slow:
+        slow.hello("sink")  # handshakes, then never reads: the server's sends to it block
+        slow.read_frame()
+        to_sink = wait_ready(server, "sink")
+        blocked = threading.Thread(target=lambda: _swallow(server.send_message, to_sink, 1, None, b"x" * (64 << 20)))
+        blocked.start()
+        time.sleep(0.3)
+        with RawPeer(url) as mute:  # never handshakes: must still be closed on time
+            t0 = time.monotonic()
+            assert mute.is_closed_by_peer(timeout=5)
+            assert time.monotonic() - t0 < 2.0
+    server.stop()
+    blocked.join(10)
+
+
+def _swallow(fn, *args) -> None:
+    try:
+        fn(*args)
+    except CommError:
+        pass
+
+
+def test_a_second_connection_with_the_same_name_replaces_the_first(managers) -> None:
+    server = managers("server")
+    log = StateLog()
+    server.add_endpoint_monitor(log)
+    url = listen(server)
+    with RawPeer(url) as old, RawPeer(url) as new:
+        old.hello("site-9")
+        old.read_frame()
+        new.hello("site-9")
+        new.read_frame()
+        assert old.is_closed_by_peer()  # as NVFlare does: the newer connection wins
+        assert server.get_connections("site-9")[0].conn.get_conn_properties()["peer_addr"] == (
+            "{}:{}".format(*new.sock.getsockname())
+        )
+    wait_until(lambda: server.find_endpoint("site-9") is None, what="gone")
+    assert log.events == [("site-9", EndpointState.READY), ("site-9", EndpointState.DISCONNECTED)]
+
+
+def test_non_byte_memoryview_payloads_are_sent_whole(managers) -> None:
+    import array
+
+    server, client, to_server, _ = pair(managers)
+    got = Collector()
+    server.register_message_receiver(1, got)
+    ints = array.array("i", range(5000))
+    client.send_message(to_server, 1, None, memoryview(ints))
+    client.send_message(to_server, 1, None, [memoryview(ints)[:10], b"!"])
+    msgs = got.wait_for(2)
+    assert msgs[0][3] == ints.tobytes()
+    assert msgs[1][3] == ints[:10].tobytes() + b"!"
+
+
+def test_bad_driver_params_are_reported_by_name(managers) -> None:
+    m = managers("server")
+    handle = m.add_connector("tcp://127.0.0.1:0?send_timeout=soon", {}, Mode.PASSIVE)
+    m.start()
+    with pytest.raises(CommError, match="send_timeout='soon' is not a float"):
+        m.wait_listening(handle, 5)
+
+
+def test_a_driver_instance_is_not_reused_after_shutdown(managers) -> None:
+    from sfm_driver_tcp import TcpDriver
+
+    driver = TcpDriver()
+    m = managers("server")
+    handle = m.add_connector(driver, {"host": "127.0.0.1", "port": 0}, Mode.PASSIVE)
+    m.start()
+    m.wait_listening(handle)
+    m.remove_connector(handle)
+    handle = m.add_connector(driver, {"host": "127.0.0.1", "port": 0}, Mode.PASSIVE)
+    with pytest.raises(CommError, match="use a new driver instance"):
+        m.wait_listening(handle, 5)

@@ -12,7 +12,7 @@ from sfm_core.handshake import build_handshake, negotiate, parse_handshake, vali
 from sfm_core.url import parse_url
 
 
-@pytest.mark.parametrize("name", ["server", "site-1", "site-1.job_7", "A.b.C"])
+@pytest.mark.parametrize("name", ["server", "site-1", "site-1.job_7", "A.b.C", "x~y"])
 def test_valid_names(name: str) -> None:
     assert validate_endpoint_name(name) == name
 

@@ -1,10 +1,11 @@
-"""One TCP connection: sends on the caller's thread, receives on the reactor's thread."""
+"""One TCP connection: sends on the caller's thread, receives on a reactor pool thread."""
 
 from __future__ import annotations
 
 import logging
 import select
 import socket
+import threading
 import time
 
 from sfm_core import CommError, Connection, ConnectorInfo
@@ -19,16 +20,22 @@ _SMALL = 2048
 # Reads per readiness event, until the socket is drained (EAGAIN) or this many: reading on
 # while data keeps arriving saves a trip through epoll per chunk of a large frame.
 _READS_PER_EVENT = 64
+# While the thread that reads this connection is itself blocked sending on it (a receiver
+# replying from process_message), it keeps reading up to this many bytes of frames, so two
+# peers replying to each other at once do not deadlock on full socket buffers.
+_READ_WHILE_SENDING = 64 * 1024 * 1024
 
 
 class TcpConnection(Connection):
     """A non-blocking socket served by a :class:`Reactor`.
 
     Sending: ``sendmsg`` of the frame's buffers straight from the sending thread (no copy, no
-    hand-off); if the kernel takes only part, the thread waits for POLLOUT up to
-    ``send_timeout`` seconds. Receiving: ``recv_into`` the decoder's buffers, so small frames
-    arrive many per syscall and large ones land in a buffer sized from their prefix; the
-    frames of one read go to the core in one ``process_frames`` call.
+    hand-off); if the kernel takes only part, the thread waits for POLLOUT, up to
+    ``send_timeout`` seconds without progress. A frame that fails half-way closes the
+    connection: the peer could not tell where the next frame starts. Receiving: ``recv_into``
+    the decoder's buffers, so small frames arrive many per syscall and large ones land in a
+    buffer sized from their prefix; the frames of one read go to the core in one
+    ``process_frames`` call.
     """
 
     # Served by one EPOLLONESHOT pool thread at a time: the core may deliver right there.
@@ -53,6 +60,10 @@ class TcpConnection(Connection):
         self._send_timeout = send_timeout
         self._closing = False
         self._closed = False
+        self._reader: int | None = None  # ident of the thread in on_readable, if any
+        self._deferred: list = []  # frames read while that thread was blocked sending
+        self._deferred_bytes = 0
+        self._eof = False
         try:
             self._peer = sock.getpeername()
             self._local = sock.getsockname()
@@ -72,7 +83,7 @@ class TcpConnection(Connection):
         bufs = frame if isinstance(frame, list) else [frame]
         if self._closing:
             raise CommError(CommError.CLOSED, f"connection {self.name} to {_fmt(self._peer)} is closed")
-        total = sum(map(len, bufs))
+        total = sum(map(len, bufs))  # the core hands byte-format buffers: len() is bytes
         try:
             if total <= _SMALL:
                 # For a small frame one contiguous send is cheaper than building an iovec.
@@ -85,19 +96,25 @@ class TcpConnection(Connection):
             self.close()
             raise CommError(CommError.CLOSED, f"connection {self.name} to {_fmt(self._peer)}: {e}") from None
         if sent != total:
-            self._send_rest(bufs, sent)
+            try:
+                self._send_rest(bufs, sent)
+            except BaseException:
+                if sent or self._closing:
+                    self.close()  # part of the frame is on the wire: the stream is unusable
+                raise
 
     def _send_rest(self, bufs: list, sent: int) -> None:
         views = []
         for b in bufs:
-            mv = memoryview(b).cast("B") if not isinstance(b, memoryview) or b.format != "B" else b
+            mv = b if isinstance(b, memoryview) else memoryview(b)
             if sent >= mv.nbytes:
                 sent -= mv.nbytes
                 continue
             views.append(mv[sent:] if sent else mv)
             sent = 0
+        reading_here = self._reader == threading.get_ident()
         poller = select.poll()
-        poller.register(self._fd, select.POLLOUT)
+        poller.register(self._fd, select.POLLOUT | (select.POLLIN if reading_here else 0))
         deadline = time.monotonic() + self._send_timeout
         while views:
             if self._closing:
@@ -107,8 +124,9 @@ class TcpConnection(Connection):
             except BlockingIOError:
                 n = 0
             except OSError as e:
-                self.close()
                 raise CommError(CommError.CLOSED, f"connection {self.name} to {_fmt(self._peer)}: {e}") from None
+            if n:
+                deadline = time.monotonic() + self._send_timeout  # progress: the peer is alive
             while n and views:
                 first = views[0]
                 if n >= first.nbytes:
@@ -125,11 +143,46 @@ class TcpConnection(Connection):
                     CommError.TIMEOUT,
                     f"connection {self.name} to {_fmt(self._peer)}: peer took nothing for {self._send_timeout} s",
                 )
-            poller.poll(min(wait, 1.0) * 1000)
+            for _fd, events in poller.poll(min(wait, 1.0) * 1000):
+                if events & select.POLLIN and reading_here and not self._read_while_sending():
+                    poller.modify(self._fd, select.POLLOUT)  # enough read ahead, or EOF
 
-    # -- receiving (reactor thread) --------------------------------------------------------
+    def _read_while_sending(self) -> bool:
+        """Read frames for later delivery; False once reading should stop."""
+        decoder = self._decoder
+        try:
+            while self._deferred_bytes < _READ_WHILE_SENDING:
+                n = self.sock.recv_into(decoder.get_buffer())
+                if n == 0:
+                    self._eof = True
+                    return False
+                for frame in decoder.buffer_updated(n):
+                    self._deferred.append(frame)
+                    self._deferred_bytes += len(frame)
+        except BlockingIOError:
+            return True
+        except CommError as e:
+            log.warning("connection %s: closing, bad data from %s: %s", self.name, _fmt(self._peer), e.message)
+            self.close()
+        except OSError:
+            self._eof = True
+        return False
+
+    # -- receiving (a reactor pool thread) -----------------------------------------------
 
     def on_readable(self) -> None:
+        self._reader = threading.get_ident()
+        try:
+            self._read_and_deliver()
+            while self._deferred and not self._closing:
+                frames, self._deferred, self._deferred_bytes = self._deferred, [], 0
+                self._hand_over(frames)
+            if self._eof:
+                self._finish()
+        finally:
+            self._reader = None
+
+    def _read_and_deliver(self) -> None:
         decoder = self._decoder
         recv_into = self.sock.recv_into
         frames: list = []
@@ -144,22 +197,17 @@ class TcpConnection(Connection):
                             _fmt(self._peer),
                             decoder.pending,
                         )
-                    self._hand_over(frames)
-                    self._finish()
-                    return
+                    self._eof = True
+                    break
                 frames += decoder.buffer_updated(n)
         except BlockingIOError:
             pass
         except CommError as e:
             log.warning("connection %s: closing, bad data from %s: %s", self.name, _fmt(self._peer), e.message)
-            self._hand_over(frames)
-            self._finish()
-            return
+            self._eof = True
         except OSError as e:
             log.info("connection %s: %s", self.name, e)
-            self._hand_over(frames)
-            self._finish()
-            return
+            self._eof = True
         self._hand_over(frames)
 
     def _hand_over(self, frames: list) -> None:
@@ -173,7 +221,7 @@ class TcpConnection(Connection):
     # -- closing -------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Shut the socket down; the reactor thread then releases it (any thread)."""
+        """Shut the socket down; its pool thread then releases it (any thread)."""
         if self._closing:
             return
         self._closing = True

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import select
 import socket
 import threading
+import time
+from dataclasses import dataclass
 from typing import Any
 
 from sfm_core import CommError, ConnectorInfo, Driver
-from sfm_core.frames import MAX_FRAME_SIZE
+from sfm_core.frames import MAX_FRAME_SIZE, PREFIX_LEN
 from sfm_core.url import bind_host, connect_host, format_url
 
 from .connection import TcpConnection, _fmt
@@ -23,26 +28,62 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 #: listener's other connections wait for a free thread.
 DEFAULT_IO_THREADS = 4
 _ACCEPTS_PER_EVENT = 256
+# accept() errors that mean "out of resources": retrying at once would spin.
+_RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 
-def _param(params: dict, key: str, kind: type, default: Any) -> Any:
-    value = params.get(key, default)
-    try:
-        return kind(value)
-    except (TypeError, ValueError):
-        raise CommError(
-            CommError.BAD_CONFIG, f"tcp driver: parameter {key}={value!r} is not a {kind.__name__}"
-        ) from None
+@dataclass(frozen=True)
+class TcpParams:
+    """The connector params this driver reads, checked once, before any socket exists."""
+
+    host: str | None
+    port: int | None
+    backlog: int
+    send_timeout: float
+    connect_timeout: float
+    io_threads: int
+    max_frame_size: int
+    scheme: str
+
+    @classmethod
+    def parse(cls, params: dict) -> TcpParams:
+        def get(key: str, kind: type, default: Any, low: float) -> Any:
+            value = params.get(key, default)
+            try:
+                value = kind(value)
+            except (TypeError, ValueError):
+                raise CommError(
+                    CommError.BAD_CONFIG, f"tcp: parameter {key}={value!r} is not a {kind.__name__}"
+                ) from None
+            if value < low:
+                raise CommError(CommError.BAD_CONFIG, f"tcp: parameter {key}={value!r} must be at least {low}")
+            return value
+
+        port = params.get("port")
+        return cls(
+            host=params.get("host"),
+            port=get("port", int, 0, 0) if port is not None else None,
+            backlog=get("backlog", int, DEFAULT_BACKLOG, 1),
+            send_timeout=get("send_timeout", float, DEFAULT_SEND_TIMEOUT, 0.001),
+            connect_timeout=get("connect_timeout", float, DEFAULT_CONNECT_TIMEOUT, 0.001),
+            io_threads=get("io_threads", int, DEFAULT_IO_THREADS, 1),
+            max_frame_size=min(get("max_frame_size", int, MAX_FRAME_SIZE, PREFIX_LEN), MAX_FRAME_SIZE),
+            scheme=str(params.get("scheme", "tcp")),
+        )
 
 
 class _Listener:
     """The listening socket as a reactor handler: accepts in batches."""
 
-    def __init__(self, sock: socket.socket, driver: TcpDriver, connector: ConnectorInfo, reactor: Reactor) -> None:
+    def __init__(
+        self, sock: socket.socket, driver: TcpDriver, connector: ConnectorInfo, reactor: Reactor, params: TcpParams
+    ) -> None:
         self.sock = sock
         self.driver = driver
         self.connector = connector
         self.reactor = reactor
+        self.params = params
+        self._last_warning = 0.0
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -53,10 +94,15 @@ class _Listener:
                 sock, _addr = self.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as e:  # e.g. EMFILE: log and let the other connections go on
-                log.warning("tcp listener %s: accept failed: %s", self.connector.url, e)
+            except OSError as e:
+                now = time.monotonic()
+                if now - self._last_warning > 10:
+                    self._last_warning = now
+                    log.warning("tcp listener %s: accept failed: %s", self.connector.url, e)
+                if e.errno in _RESOURCE_ERRORS:
+                    time.sleep(0.1)  # the connection stays queued; this pool thread backs off
                 return
-            self.driver._serve(sock, self.connector, self.reactor)
+            self.driver._serve(sock, self.connector, self.reactor, self.params)
 
     def on_reactor_stop(self) -> None:
         self.sock.close()
@@ -85,7 +131,8 @@ class TcpDriver(Driver):
         reactor = Reactor(f"sfm-tcp-{id(self) % 10000}")
         with self._lock:
             if self._stopping:
-                reactor.stop()
+                reactor.close()
+                raise CommError(CommError.CLOSED, "tcp driver was shut down; use a new driver instance")
             self._reactors.append(reactor)
         return reactor
 
@@ -93,71 +140,111 @@ class TcpDriver(Driver):
         with self._lock:
             if reactor in self._reactors:
                 self._reactors.remove(reactor)
+        reactor.close()
 
-    def _serve(self, sock: socket.socket, connector: ConnectorInfo, reactor: Reactor) -> TcpConnection:
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        params = connector.params
-        conn = TcpConnection(
-            sock,
-            connector,
-            reactor,
-            self,
-            max_frame_size=_param(params, "max_frame_size", int, MAX_FRAME_SIZE),
-            send_timeout=_param(params, "send_timeout", float, DEFAULT_SEND_TIMEOUT),
-        )
+    def _serve(self, sock: socket.socket, connector: ConnectorInfo, reactor: Reactor, params: TcpParams) -> None:
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn = TcpConnection(
+                sock,
+                connector,
+                reactor,
+                self,
+                max_frame_size=params.max_frame_size,
+                send_timeout=params.send_timeout,
+            )
+        except OSError as e:  # the peer may already be gone
+            log.info("tcp: dropping a new connection: %s", e)
+            sock.close()
+            return
         # The core registers its frame receiver in add_connection: only then may a pool
         # thread start reading.
         self.add_connection(conn)
         reactor.add(conn)
-        return conn
 
     def listen(self, connector: ConnectorInfo) -> None:
-        params = connector.params
-        host = bind_host(params.get("host"))
-        port = _param(params, "port", int, 0)
-        backlog = _param(params, "backlog", int, DEFAULT_BACKLOG)
+        params = TcpParams.parse(connector.params)
+        host = bind_host(params.host)
+        port = params.port or 0
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((host, port))
-            sock.listen(backlog)
+            sock.listen(params.backlog)
             sock.setblocking(False)
+            reactor = self._new_reactor()
         except OSError as e:
             sock.close()
             raise CommError(CommError.ERROR, f"tcp: cannot listen on {host or '*'}:{port}: {e}") from None
-        threads = _param(params, "io_threads", int, DEFAULT_IO_THREADS)
-        reactor = self._new_reactor()
+        except BaseException:
+            sock.close()
+            raise
         try:
-            actual = sock.getsockname()
-            url_host = params.get("host") if host else "127.0.0.1"
+            reactor.add(_Listener(sock, self, connector, reactor, params))
+        except BaseException:
+            sock.close()
+            self._forget_reactor(reactor)
+            raise
+        try:
+            url_host = params.host if host else "127.0.0.1"
             if url_host in (None, "0", "0.0.0.0"):
                 url_host = "127.0.0.1"
-            connector.listening(format_url(params.get("scheme", "tcp"), url_host, actual[1]))
+            actual = sock.getsockname()
+            connector.listening(format_url(params.scheme, url_host, actual[1]))
             log.info("tcp: listening on %s", _fmt(actual))
-            reactor.add(_Listener(sock, self, connector, reactor))
-            reactor.serve(threads=max(1, threads))
+            reactor.serve(threads=params.io_threads)
         finally:
             self._forget_reactor(reactor)
 
     def connect(self, connector: ConnectorInfo) -> None:
-        params = connector.params
-        host = connect_host(params.get("host"))
-        if "port" not in params:
-            raise CommError(CommError.BAD_CONFIG, f"tcp: no port to connect to in {params.get('url') or params}")
-        port = _param(params, "port", int, 0)
-        timeout = _param(params, "connect_timeout", float, DEFAULT_CONNECT_TIMEOUT)
+        params = TcpParams.parse(connector.params)
+        if params.port is None:
+            raise CommError(CommError.BAD_CONFIG, f"tcp: no port to connect to in {connector.params.get('url')}")
+        sock = self._open(connect_host(params.host), params.port, params.connect_timeout)
         try:
-            sock = socket.create_connection((host, port), timeout=timeout)
-        except OSError as e:
-            raise CommError(CommError.CLOSED, f"tcp: cannot connect to {host}:{port}: {e}") from None
-        reactor = self._new_reactor()
+            reactor = self._new_reactor()
+        except BaseException:
+            sock.close()
+            raise
         try:
-            self._serve(sock, connector, reactor)
+            self._serve(sock, connector, reactor, params)
             reactor.serve(stop_when_empty=True)
         finally:
             self._forget_reactor(reactor)
+
+    def _open(self, host: str, port: int, timeout: float) -> socket.socket:
+        """Connect without blocking shutdown(): poll in short steps, watching for a stop."""
+        try:
+            family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        except OSError as e:
+            raise CommError(CommError.CLOSED, f"tcp: cannot resolve {host}: {e}") from None
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setblocking(False)
+            err = sock.connect_ex(addr)
+            if err not in (0, errno.EINPROGRESS):
+                raise OSError(err, os.strerror(err))
+            poller = select.poll()
+            poller.register(sock, select.POLLOUT)
+            deadline = time.monotonic() + timeout
+            while not poller.poll(100):
+                if self._stopping:
+                    raise CommError(CommError.CLOSED, "tcp driver shut down while connecting")
+                if time.monotonic() > deadline:
+                    raise OSError(errno.ETIMEDOUT, f"no answer within {timeout} s")
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                raise OSError(err, os.strerror(err))
+        except OSError as e:
+            sock.close()
+            reason = e.strerror or str(e)
+            raise CommError(CommError.CLOSED, f"tcp: cannot connect to {host}:{port}: {reason}") from None
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
     def shutdown(self) -> None:
         with self._lock:

@@ -113,10 +113,17 @@ class Reactor:
                     handler.on_reactor_stop()
                 except Exception:
                     log.exception("error stopping %r", handler)
-            with self._lock:
-                self._closed = True
-                self._epoll.close()
-                os.close(self._wake_fd)
+            self.close()
+
+    def close(self) -> None:
+        """Release the reactor's descriptors without serving (a driver's error path)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._stopping = True
+            self._epoll.close()
+            os.close(self._wake_fd)
 
     def _loop(self, stop_when_empty: bool) -> None:
         poll = self._epoll.poll
