@@ -30,6 +30,10 @@ SEQUENCE_OFFSET = 14
 
 #: The original protocol's frame limit: 2 GiB - 2 MiB.
 MAX_FRAME_SIZE = 2 * 1024**3 - 2 * 1024**2
+#: The first frame each side receives is the handshake (HELLO or READY): a small map. A
+#: stream decoder refuses a bigger first frame, so an unknown peer cannot make a listener
+#: reserve a large buffer before it has even said who it is.
+HANDSHAKE_MAX_FRAME = 1024 * 1024
 #: header_len is a 16-bit field, so encoded headers cannot exceed this.
 MAX_HEADER_LEN = 0xFFFF
 
@@ -211,7 +215,7 @@ def decode_headers(data: Buffer) -> dict:
 
 #: Frames from this size on are received into anonymous memory maps: the kernel commits their
 #: pages as data arrives, so a prefix that claims 2 GiB costs nothing until 2 GiB really come.
-LAZY_FRAME = 1024 * 1024
+LAZY_FRAME = 16 * 1024 * 1024  # below, bytearrays: freed and reused warm by malloc
 
 
 def _frame_buffer(length: int) -> bytearray | mmap.mmap:
@@ -244,10 +248,12 @@ class FrameDecoder:
         buffer_size: int = 256 * 1024,
         large_frame: int = 64 * 1024,
         initial_size: int = 4096,
+        first_frame_max: int | None = None,
     ) -> None:
         if large_frame >= buffer_size:
             raise ValueError("large_frame must be below buffer_size")
         self.max_frame_size = max_frame_size
+        self._first_frame_max = first_frame_max
         self._large_frame = large_frame
         self._max_size = buffer_size
         self._buf = bytearray(min(initial_size, buffer_size))
@@ -264,6 +270,11 @@ class FrameDecoder:
         if self._large is not None:
             return self._large_filled
         return self._end - self._start
+
+    @property
+    def in_large_frame(self) -> bool:
+        """True while a large frame is being received into its own buffer."""
+        return self._large is not None
 
     def get_buffer(self) -> memoryview:
         """A writable, non-empty buffer to receive the next bytes into."""
@@ -322,9 +333,13 @@ class FrameDecoder:
         own_buffer_above = min(self._large_frame, len(self._buf) // 2)
         while end - start >= PREFIX_LEN:
             length, header_len = unpack(view, start)
-            if length < PREFIX_LEN or length > self.max_frame_size or header_len > length - PREFIX_LEN:
+            limit = self.max_frame_size
+            if self._first_frame_max is not None:
+                limit = min(limit, self._first_frame_max)
+                self._first_frame_max = None
+            if length < PREFIX_LEN or length > limit or header_len > length - PREFIX_LEN:
                 self._start, self._end = start, end
-                check_prefix(length, header_len, self.max_frame_size)
+                check_prefix(length, header_len, limit)
             if end - start >= length:
                 frames.append(bytes(view[start : start + length]))
                 start += length

@@ -479,8 +479,10 @@ def test_a_prefix_claiming_a_huge_frame_commits_no_memory(managers) -> None:
     rss = psutil.Process().memory_info().rss
     peers = [RawPeer(url) for _ in range(4)]
     try:
-        for peer in peers:
-            peer.send(PREFIX.pack(1 << 30, 0, 1, 0, 0, 1, 17, 1) + b"x" * 16)  # "1 GiB follows"
+        for i, peer in enumerate(peers):
+            peer.hello(f"greedy-{i}")
+            peer.read_frame()
+            peer.send(PREFIX.pack(1 << 30, 0, 1, 0, 0, 1, 17, 2) + b"x" * 16)  # "1 GiB follows"
         time.sleep(0.5)
         grown = psutil.Process().memory_info().rss - rss
         assert grown < 64 << 20, f"RSS grew by {grown >> 20} MiB for 4 x 32 bytes"
@@ -602,3 +604,12 @@ def test_a_driver_instance_is_not_reused_after_shutdown(managers) -> None:
     handle = m.add_connector(driver, {"host": "127.0.0.1", "port": 0}, Mode.PASSIVE)
     with pytest.raises(CommError, match="use a new driver instance"):
         m.wait_listening(handle, 5)
+
+
+def test_a_first_frame_too_large_for_a_handshake_is_refused(managers, caplog) -> None:
+    server = managers("server")
+    url = listen(server)
+    with RawPeer(url) as peer:
+        peer.send(PREFIX.pack(2 << 20, 0, 4, 0, 0, 0, 1, 1))  # a "HELLO" of 2 MiB
+        assert peer.is_closed_by_peer()
+    assert "exceeds the maximum frame size of 1048576" in caplog.text

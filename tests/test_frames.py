@@ -164,3 +164,12 @@ def test_decoder_buffer_starts_small_and_grows_only_while_data_streams() -> None
         out += len(decoder.buffer_updated(n))
     assert out == 2000
     assert max(sizes) <= 64 * 1024 and max(sizes) > 32 * 1024  # grew to the cap, not past it
+
+
+def test_first_frame_limit_applies_to_the_first_frame_only() -> None:
+    small = _bytes(FrameType.HELLO, 0, 1, None, b"h" * 100)
+    big = _bytes(FrameType.DATA, 1, 17, None, b"d" * 5000)
+    decoder = FrameDecoder(first_frame_max=1000)
+    assert [bytes(f) for f in decoder.feed(small + big)] == [small, big]
+    with pytest.raises(CommError, match="maximum frame size of 1000"):
+        FrameDecoder(first_frame_max=1000).feed(big)

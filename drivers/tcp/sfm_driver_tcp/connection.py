@@ -9,7 +9,7 @@ import threading
 import time
 
 from sfm_core import CommError, Connection, ConnectorInfo
-from sfm_core.frames import FrameDecoder
+from sfm_core.frames import HANDSHAKE_MAX_FRAME, FrameDecoder
 
 from .reactor import Reactor
 
@@ -24,6 +24,11 @@ _READS_PER_EVENT = 64
 # replying from process_message), it keeps reading up to this many bytes of frames, so two
 # peers replying to each other at once do not deadlock on full socket buffers.
 _READ_WHILE_SENDING = 64 * 1024 * 1024
+# A frame this large is delivered as soon as it is complete.
+_DELIVER_AT_ONCE = 256 * 1024
+# How long a pool thread waits on a socket for the rest of a large frame before it goes back
+# to serving other sockets (a stalled peer then costs no thread).
+_LARGE_FRAME_WAIT_MS = 50
 
 
 class TcpConnection(Connection):
@@ -56,7 +61,7 @@ class TcpConnection(Connection):
         self._fd = sock.fileno()
         self._reactor = reactor
         self._driver = driver
-        self._decoder = FrameDecoder(max_frame_size)
+        self._decoder = FrameDecoder(max_frame_size, first_frame_max=HANDSHAKE_MAX_FRAME)
         self._send_timeout = send_timeout
         self._closing = False
         self._closed = False
@@ -64,6 +69,7 @@ class TcpConnection(Connection):
         self._deferred: list = []  # frames read while that thread was blocked sending
         self._deferred_bytes = 0
         self._eof = False
+        self._poller: select.poll | None = None
         try:
             self._peer = sock.getpeername()
             self._local = sock.getsockname()
@@ -186,9 +192,18 @@ class TcpConnection(Connection):
         decoder = self._decoder
         recv_into = self.sock.recv_into
         frames: list = []
+        reads = 0
         try:
-            for _ in range(_READS_PER_EVENT):
-                n = recv_into(decoder.get_buffer())
+            while reads < _READS_PER_EVENT or decoder.in_large_frame:
+                try:
+                    n = recv_into(decoder.get_buffer())
+                except BlockingIOError:
+                    # In the middle of a large frame, wait here for the rest: cheaper than a
+                    # trip through epoll (and maybe another pool thread) for every chunk.
+                    if decoder.in_large_frame and self._wait_readable():
+                        continue
+                    break
+                reads += 1
                 if n == 0:
                     if decoder.pending:
                         log.warning(
@@ -199,9 +214,14 @@ class TcpConnection(Connection):
                         )
                     self._eof = True
                     break
-                frames += decoder.buffer_updated(n)
-        except BlockingIOError:
-            pass
+                done = decoder.buffer_updated(n)
+                if done:
+                    frames += done
+                    if len(done[-1]) >= _DELIVER_AT_ONCE:
+                        # Deliver a large frame before reading the next: its buffer is freed
+                        # and reused warm, where a burst of them would each need fresh pages.
+                        self._hand_over(frames)
+                        frames = []
         except CommError as e:
             log.warning("connection %s: closing, bad data from %s: %s", self.name, _fmt(self._peer), e.message)
             self._eof = True
@@ -209,6 +229,12 @@ class TcpConnection(Connection):
             log.info("connection %s: %s", self.name, e)
             self._eof = True
         self._hand_over(frames)
+
+    def _wait_readable(self) -> bool:
+        if self._poller is None:
+            self._poller = select.poll()
+            self._poller.register(self._fd, select.POLLIN)
+        return bool(self._poller.poll(_LARGE_FRAME_WAIT_MS)) and not self._closing
 
     def _hand_over(self, frames: list) -> None:
         if frames:
