@@ -229,21 +229,18 @@ def _demo_scheme(scheme: str) -> dict:
 
         # 8 MiB both ways, 4 times each.
         payload = bytes(big)
-        n_before = len(got["server"])
-        t = time.perf_counter()
-        for _ in range(4):
-            client.send_message(peer, 1, None, payload)
-        while len(got["server"]) < n_before + 4 and time.perf_counter() - t < 30:
-            time.sleep(0.001)
-        up = 4 * big / (time.perf_counter() - t) / 1e6
-        server_peer = server.find_endpoint("demo-client")
-        n_before = len(got["client"])
-        t = time.perf_counter()
-        for _ in range(4):
-            server.send_message(server_peer, 1, None, payload)
-        while len(got["client"]) < n_before + 4 and time.perf_counter() - t < 30:
-            time.sleep(0.001)
-        down = 4 * big / (time.perf_counter() - t) / 1e6
+
+        def push(sender: ConnManager, to: Endpoint, side: str) -> float:
+            before = len(got[side])
+            t = time.perf_counter()
+            for _ in range(4):
+                sender.send_message(to, 1, None, payload)
+            while len(got[side]) < before + 4 and time.perf_counter() - t < 30:
+                time.sleep(0.001)
+            return 4 * big / (time.perf_counter() - t) / 1e6
+
+        up = push(client, peer, "server")
+        down = push(server, server.wait_for_endpoint("demo-client"), "client")
         ok = got["server"].count(big) == 4 and got["client"].count(big) == 4
         return {
             "scheme": scheme,
@@ -310,14 +307,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     schemes = args.schemes or [
         e.scheme for e in registry.load_all() if e.status == "ok" and e.scheme not in SECURE_SCHEMES
     ]
-    # One scheme per driver class: ws and http are the same transport.
-    seen: set = set()
+    # One scheme per driver class (ws and http are the same transport): its first one.
+    by_class: dict[type, list[str]] = {}
+    for scheme in schemes:
+        by_class.setdefault(registry.get_driver_class(scheme), []).append(scheme)
     unique = []
-    for s in schemes:
-        cls = registry.get_driver_class(s)
-        if cls not in seen:
-            seen.add(cls)
-            unique.append(s)
+    for cls, names in by_class.items():
+        preferred = [t for t in cls.supported_transports() if t in names]
+        unique.append(preferred[0] if preferred else names[0])
     plan = runner.QUICK if args.quick else runner.FULL
     results = runner.run(unique, plan, runner.stderr_progress)
     _out(runner.table(results))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import ipaddress
 import logging
 import threading
@@ -20,6 +21,7 @@ import sfm_core
 from sfm_core import CommError, ConnectorInfo, Driver
 from sfm_core.aio import LoopThread, acquire_loop, release_loop
 from sfm_core.frames import MAX_FRAME_SIZE
+from sfm_core.params import get_param
 from sfm_core.url import bind_host, connect_host, format_url
 
 from . import wire
@@ -37,16 +39,7 @@ DEFAULT_BATCH_BYTES = 256 * 1024
 _GRPC_INT_MAX = 2**31 - 1
 
 
-def _param(params: dict, key: str, kind: type, default: Any) -> Any:
-    value = params.get(key, default)
-    try:
-        if kind is bool and isinstance(value, str):
-            return value.strip().lower() not in ("0", "false", "no", "off", "")
-        return kind(value)
-    except (TypeError, ValueError):
-        raise CommError(
-            CommError.BAD_CONFIG, f"grpc driver: parameter {key}={value!r} is not a {kind.__name__}"
-        ) from None
+_param = functools.partial(get_param, driver="grpc driver")
 
 
 def _options(max_frame_size: int) -> list[tuple[str, Any]]:

@@ -14,6 +14,7 @@ from typing import Any
 
 from sfm_core import CommError, ConnectorInfo, Driver
 from sfm_core.frames import MAX_FRAME_SIZE, PREFIX_LEN
+from sfm_core.params import get_param
 from sfm_core.url import bind_host, connect_host, format_url
 
 from .connection import TcpConnection, _fmt
@@ -48,16 +49,7 @@ class TcpParams:
     @classmethod
     def parse(cls, params: dict) -> TcpParams:
         def get(key: str, kind: type, default: Any, low: float) -> Any:
-            value = params.get(key, default)
-            try:
-                value = kind(value)
-            except (TypeError, ValueError):
-                raise CommError(
-                    CommError.BAD_CONFIG, f"tcp: parameter {key}={value!r} is not a {kind.__name__}"
-                ) from None
-            if value < low:
-                raise CommError(CommError.BAD_CONFIG, f"tcp: parameter {key}={value!r} must be at least {low}")
-            return value
+            return get_param(params, key, kind, default, driver="tcp", minimum=low)
 
         port = params.get("port")
         return cls(

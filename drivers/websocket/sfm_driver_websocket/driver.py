@@ -9,6 +9,7 @@ connection of every connector is a plain ``asyncio.Protocol`` on the one loop of
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 from typing import Any
@@ -21,6 +22,7 @@ import sfm_core
 from sfm_core import CommError, ConnectorInfo, Driver
 from sfm_core.aio import LoopThread, acquire_loop, release_loop
 from sfm_core.frames import MAX_FRAME_SIZE
+from sfm_core.params import get_param
 from sfm_core.url import bind_host, connect_host, format_url
 
 from .connection import WebSocketConnection, fmt_addr
@@ -36,14 +38,7 @@ DEFAULT_CLOSE_TIMEOUT = 2.0
 DEFAULT_HIGH_WATER = 4 * 1024 * 1024
 
 
-def _param(params: dict, key: str, kind: type, default: Any) -> Any:
-    value = params.get(key, default)
-    try:
-        return kind(value)
-    except (TypeError, ValueError):
-        raise CommError(
-            CommError.BAD_CONFIG, f"websocket driver: parameter {key}={value!r} is not a {kind.__name__}"
-        ) from None
+_param = functools.partial(get_param, driver="websocket driver")
 
 
 class WebSocketDriver(Driver):
