@@ -537,10 +537,11 @@ class ConnManager(ConnMonitor):
         if frame.type != expected:
             raise CommError(CommError.BAD_DATA, f"got {FrameType(frame.type).name} where {expected.name} was expected")
         hello = parse_handshake(frame.payload, self.local_endpoint.name)
-        offered = sfm_conn.conn.offered_extensions()
+        agreed = negotiate(sfm_conn.conn.offered_extensions(), hello.extensions)
         if frame.type == FrameType.HELLO:
-            sfm_conn.send_handshake(FrameType.READY, offered)
-        sfm_conn.conn.extensions = negotiate(offered, hello.extensions)
+            # READY names only what the peer offered too: a plain peer sees no sfm_ext at all.
+            sfm_conn.send_handshake(FrameType.READY, agreed)
+        sfm_conn.conn.extensions = agreed
         self.update_endpoint(sfm_conn, {"endpoint_name": hello.name, **hello.properties})
 
     def update_endpoint(self, sfm_conn: SfmConnection, data: dict) -> None:

@@ -158,18 +158,18 @@ class Lane:
             except Exception:  # the handler reports its own errors; this is a last resort
                 log.exception("delivery handler failed")
             done_bytes += 0 if callable(item) else len(item)
-        resume = False
         with self._lock:
             self._bytes = max(0, self._bytes - done_bytes)
             low = len(self._items) < self._max_items // 2 and self._bytes < self._max_bytes // 2
             if self._paused and low:
                 self._paused = False
-                resume = True
+                # Under the lock, so a pause decided by a concurrent submit cannot be
+                # overtaken by this resume (the driver calls only schedule work).
+                if self._resume is not None:
+                    self._resume()
             elif not self._paused and low:
                 self._room.notify_all()
             if self._items and not self._closed:
                 self._dispatcher._ready.put(self)
             else:
                 self._scheduled = False
-        if resume and self._resume is not None:
-            self._resume()

@@ -224,7 +224,11 @@ def test_batching_not_used_toward_a_peer_without_sfm_ext(raw_peers):
     try:
         peer = raw_peers(server.wait_listening(h))
         peer.hello("plain")
-        assert decode_frame(peer.read()).type == FrameType.READY
+        ready = decode_frame(peer.read())
+        assert ready.type == FrameType.READY
+        import msgpack
+
+        assert "sfm_ext" not in msgpack.unpackb(ready.payload)  # READY offers a plain peer nothing
         ep = wait_ready(server, "plain")
         for i in range(2000):
             server.send_message(ep, 1, {"i": i}, b"z" * 100)
@@ -233,6 +237,45 @@ def test_batching_not_used_toward_a_peer_without_sfm_ext(raw_peers):
             assert frame.headers == {"i": i}
     finally:
         server.stop()
+
+
+def test_a_burst_right_after_ready_arrives_on_the_first_connection():
+    # The server batches READY with the DATA behind it: the client must accept that batch
+    # although its core has not yet processed READY (it offered batching itself).
+    server = ConnManager(Endpoint("server"))
+    client = ConnManager(Endpoint("site-1"), reconnect_min=0.05)
+    got = Collector()
+    client.register_message_receiver(1, got)
+
+    class Burst:
+        def state_change(self, endpoint) -> None:
+            if endpoint.state == EndpointState.READY:
+                for i in range(300):
+                    server.send_message(endpoint, 1, None, b"%d" % i)
+
+    server.add_endpoint_monitor(Burst())
+    h = server.add_connector("grpc://127.0.0.1:0", {}, Mode.PASSIVE)
+    server.start()
+    try:
+        client.add_connector(server.wait_listening(h), {}, Mode.ACTIVE)
+        client.start()
+        msgs = got.wait_for(300)
+        assert [m[3] for m in msgs] == [b"%d" % i for i in range(300)]
+        assert client.connectors[next(iter(client.connectors))].total_conns == 1  # nothing dropped
+    finally:
+        client.stop()
+        server.stop()
+
+
+def test_batches_fit_a_peer_with_a_smaller_max_frame_size():
+    p = Pair(max_frame_size=65536)  # the server's frames are small; the client's batches are not
+    try:
+        for _ in range(3000):
+            p.client.send_message(p.to_server, 1, None, b"k" * 1024)
+        assert len(p.server_rx.wait_for(3000)) == 3000
+        assert p.conns()[0].stats["frames_out"] > p.conns()[0].stats["messages_out"]  # batched
+    finally:
+        p.stop()
 
 
 # -- bad input --------------------------------------------------------------------------------
@@ -298,7 +341,7 @@ def test_frame_length_over_the_maximum(listener, raw_peers, caplog):
 
 def test_oversized_message_is_refused(listener, raw_peers, caplog):
     def send(p):
-        p.send_frame(FrameType.DATA, b"o" * 200_000, app_id=1)
+        p.send_frame(FrameType.DATA, b"o" * 300_000, app_id=1)  # over the 256 KiB batch limit too
 
     _bad_input_closes_only_that_stream(listener, raw_peers, caplog, send, "larger than max")
 

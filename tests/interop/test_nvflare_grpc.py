@@ -26,7 +26,7 @@ def _exchange(nv, sfm: ConnManager, sfm_rx: Collector, nv_name: str, sfm_name: s
     assert ep.properties["role"] == "nv"
     seen = nv.find_endpoint(sfm_name)
     assert seen["state"] == "READY" and seen["properties"]["org"] == "sfm"
-    assert "sfm_ext" in seen["properties"]  # our offer is only a property to NVFlare
+    # Our HELLO's offer is only a property to NVFlare; our READY to it offers nothing.
     # NVFlare sends no sfm_ext, so no extension is used on this connection.
     [sfm_conn] = sfm.get_connections(nv_name)
     assert sfm_conn.conn.extensions == frozenset()

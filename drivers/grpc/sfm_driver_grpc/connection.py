@@ -84,7 +84,8 @@ class GrpcConnection(Connection):
         self._ended: asyncio.Future | None = None
         #: gRPC messages and SFM frames moved so far (batching shows as frames > messages).
         self.stats = {"messages_in": 0, "frames_in": 0, "messages_out": 0, "frames_out": 0}
-        self._ext_known = True
+        # Connection.__init__ went through the setter below; the handshake has not happened.
+        self._ext_known = False
 
     # -- properties and extensions -------------------------------------------------------
 
@@ -97,7 +98,7 @@ class GrpcConnection(Connection):
         # The core sets this once the handshake is done; until then a batch from the peer is
         # accepted if we offered batching (the peer may have seen our READY before we get here).
         self._extensions = frozenset(value)
-        self._ext_known = getattr(self, "_ext_known", False)
+        self._ext_known = True
 
     def offered_extensions(self) -> tuple[str, ...]:
         return self._offer

@@ -35,17 +35,22 @@ METHOD_PATH = f"/{SERVICE}/{METHOD}"
 DEFAULT_SEND_TIMEOUT = 60.0
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_SEND_QUEUE_BYTES = 16 * 1024 * 1024
-DEFAULT_BATCH_BYTES = 256 * 1024
+#: The most a batch may hold, whatever either side's max_frame_size: part of the
+#: ``grpc-batch`` extension, so a receiver that offers it can size its limit for any sender.
+BATCH_MAX = 256 * 1024
+DEFAULT_BATCH_BYTES = BATCH_MAX
 _GRPC_INT_MAX = 2**31 - 1
 
 
 _param = functools.partial(get_param, driver="grpc driver")
 
 
-def _options(max_frame_size: int) -> list[tuple[str, Any]]:
-    # A message is one Frame: the SFM frame plus at most ENVELOPE_MAX bytes of protobuf
-    # envelope. Both directions are set on both sides (gRPC's default receive limit is 4 MiB).
-    limit = min(_GRPC_INT_MAX, max_frame_size + wire.ENVELOPE_MAX)
+def _options(max_frame_size: int, batch: bool) -> list[tuple[str, Any]]:
+    # A message is one Frame: the SFM frame (or, with grpc-batch, a batch of up to BATCH_MAX)
+    # plus at most ENVELOPE_MAX bytes of protobuf envelope. Both directions are set on both
+    # sides (gRPC's default receive limit is 4 MiB).
+    payload = max(max_frame_size, BATCH_MAX) if batch else max_frame_size
+    limit = min(_GRPC_INT_MAX, payload + wire.ENVELOPE_MAX)
     return [
         ("grpc.max_send_message_length", limit),
         ("grpc.max_receive_message_length", limit),
@@ -75,7 +80,7 @@ def _conn_kwargs(params: dict) -> dict:
         "send_timeout": _param(params, "send_timeout", float, DEFAULT_SEND_TIMEOUT),
         "send_queue_bytes": _param(params, "send_queue_bytes", int, DEFAULT_SEND_QUEUE_BYTES),
         "batch": _param(params, "batch", bool, True),
-        "batch_bytes": min(max_frame_size, _param(params, "batch_bytes", int, DEFAULT_BATCH_BYTES)),
+        "batch_bytes": min(max_frame_size, BATCH_MAX, _param(params, "batch_bytes", int, DEFAULT_BATCH_BYTES)),
     }
 
 
@@ -160,7 +165,7 @@ class GrpcDriver(Driver):
     ) -> tuple[grpc.aio.Server, int]:
         # so_reuseport=0: gRPC sets SO_REUSEPORT by default, which would let a second listener
         # "bind" a port in use instead of failing.
-        options = [*_options(kwargs["max_frame_size"]), ("grpc.so_reuseport", 0)]
+        options = [*_options(kwargs["max_frame_size"], kwargs["batch"]), ("grpc.so_reuseport", 0)]
         server = grpc.aio.server(options=options)
         listen_host = host or "0.0.0.0"
 
@@ -223,7 +228,7 @@ class GrpcDriver(Driver):
     ) -> GrpcConnection:
         # A local subchannel pool: each SFM connection gets its own TCP connection instead of
         # sharing one with every other channel to the same target in this process.
-        options = [*_options(kwargs["max_frame_size"]), ("grpc.use_local_subchannel_pool", 1)]
+        options = [*_options(kwargs["max_frame_size"], kwargs["batch"]), ("grpc.use_local_subchannel_pool", 1)]
         channel = grpc.aio.insecure_channel(target, options=options)
         # Polling get_state() instead of awaiting channel_ready(): a refused connection is
         # reported at once (TRANSIENT_FAILURE), and a cancelled channel_ready() leaves a cycle

@@ -81,10 +81,12 @@ def decode(message: bytes | memoryview) -> tuple[int, memoryview]:
     while pos < end:
         key, pos = _read_varint(view, pos, end)
         field, wire_type = key >> 3, key & 7
+        if field == 0:
+            raise CommError(CommError.BAD_DATA, "Frame message has a field numbered 0")
         if wire_type == 0:
             value, pos = _read_varint(view, pos, end)
-            if field == 1:
-                seq = value - (1 << 64) if value >= 1 << 63 else value
+            if field == 1:  # int32, as protobuf reads it: the low 32 bits, signed
+                seq = ((value & 0xFFFFFFFF) ^ 0x80000000) - 0x80000000
         elif wire_type == 2:
             size, pos = _read_varint(view, pos, end)
             if pos + size > end:

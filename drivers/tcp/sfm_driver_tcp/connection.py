@@ -195,8 +195,9 @@ class TcpConnection(Connection):
         reads = 0
         try:
             while reads < _READS_PER_EVENT or decoder.in_large_frame:
+                buf = decoder.get_buffer()
                 try:
-                    n = recv_into(decoder.get_buffer())
+                    n = recv_into(buf)
                 except BlockingIOError:
                     # In the middle of a large frame, wait here for the rest: cheaper than a
                     # trip through epoll (and maybe another pool thread) for every chunk.
@@ -215,6 +216,10 @@ class TcpConnection(Connection):
                     self._eof = True
                     break
                 done = decoder.buffer_updated(n)
+                if n < len(buf) and not decoder.in_large_frame:
+                    # A short read drained the socket: skip the recv that would say EAGAIN.
+                    frames += done
+                    break
                 if done:
                     frames += done
                     if len(done[-1]) >= _DELIVER_AT_ONCE:
@@ -230,11 +235,15 @@ class TcpConnection(Connection):
             self._eof = True
         self._hand_over(frames)
 
-    def _wait_readable(self) -> bool:
+    def _wait_readable(self, timeout_ms: int = _LARGE_FRAME_WAIT_MS) -> bool:
         if self._poller is None:
             self._poller = select.poll()
             self._poller.register(self._fd, select.POLLIN)
-        return bool(self._poller.poll(_LARGE_FRAME_WAIT_MS)) and not self._closing
+        return bool(self._poller.poll(timeout_ms)) and not self._closing
+
+    def readable_now(self) -> bool:
+        """True if more bytes (or EOF) are waiting: the reactor then keeps serving us."""
+        return not self._closed and self._wait_readable(0)
 
     def _hand_over(self, frames: list) -> None:
         if frames:

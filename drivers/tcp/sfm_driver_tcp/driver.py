@@ -80,6 +80,9 @@ class _Listener:
     def fileno(self) -> int:
         return self.sock.fileno()
 
+    def readable_now(self) -> bool:
+        return False  # accept batches are already bounded; let any pool thread take the next
+
     def on_readable(self) -> None:
         for _ in range(_ACCEPTS_PER_EVENT):
             try:
@@ -119,8 +122,8 @@ class TcpDriver(Driver):
     def capabilities() -> dict[str, Any]:
         return {"max_frame_size": MAX_FRAME_SIZE, "tls": False, "io": "epoll, leader/followers pool"}
 
-    def _new_reactor(self) -> Reactor:
-        reactor = Reactor(f"sfm-tcp-{id(self) % 10000}")
+    def _new_reactor(self, threads: int = 1) -> Reactor:
+        reactor = Reactor(f"sfm-tcp-{id(self) % 10000}", oneshot=threads > 1)
         with self._lock:
             if self._stopping:
                 reactor.close()
@@ -166,7 +169,7 @@ class TcpDriver(Driver):
             sock.bind((host, port))
             sock.listen(params.backlog)
             sock.setblocking(False)
-            reactor = self._new_reactor()
+            reactor = self._new_reactor(params.io_threads)
         except OSError as e:
             sock.close()
             raise CommError(CommError.ERROR, f"tcp: cannot listen on {host or '*'}:{port}: {e}") from None

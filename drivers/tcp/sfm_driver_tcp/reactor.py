@@ -24,6 +24,10 @@ from typing import Protocol
 log = logging.getLogger(__name__)
 
 _ARMED = select.EPOLLIN | select.EPOLLONESHOT
+# Rounds a pool thread serves one busy socket before re-arming it: re-arming a socket with
+# data waiting wakes another pool thread, so while data keeps coming the thread that has the
+# socket (and its warm caches) keeps it, within this bound for fairness.
+_KEEP_ROUNDS = 64
 
 
 class Readable(Protocol):
@@ -31,14 +35,19 @@ class Readable(Protocol):
 
     def on_readable(self) -> None: ...
 
+    def readable_now(self) -> bool: ...
+
     def on_reactor_stop(self) -> None: ...
 
 
 class Reactor:
     """Runs ``on_readable`` of registered handlers on the threads of :meth:`serve`."""
 
-    def __init__(self, name: str = "sfm-tcp") -> None:
+    def __init__(self, name: str = "sfm-tcp", *, oneshot: bool = True) -> None:
         self.name = name
+        # One thread needs no hand-over protection: level-triggered saves a re-arm per event.
+        self._mask = _ARMED if oneshot else select.EPOLLIN
+        self._oneshot = oneshot
         self._epoll = select.epoll()
         self._handlers: dict[int, Readable] = {}
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -53,7 +62,7 @@ class Reactor:
         fd = handler.fileno()
         with self._lock:
             self._handlers[fd] = handler
-        self._epoll.register(fd, _ARMED)
+        self._epoll.register(fd, self._mask)
 
     def rearm(self, handler: Readable) -> None:
         """Watch ``handler`` again after its event was served (or after a close request)."""
@@ -93,6 +102,11 @@ class Reactor:
         On return every handler still registered gets ``on_reactor_stop`` and the
         descriptors of the reactor are closed.
         """
+        if threads > 1 and not self._oneshot:
+            raise ValueError("a reactor served by several threads must be one-shot")
+        self._serve(threads, stop_when_empty)
+
+    def _serve(self, threads: int, stop_when_empty: bool) -> None:
         helpers = [
             threading.Thread(target=self._loop, args=(False,), name=f"{self.name}-{i}", daemon=True)
             for i in range(1, threads)
@@ -129,6 +143,7 @@ class Reactor:
         poll = self._epoll.poll
         handlers = self._handlers
         wake_fd = self._wake_fd
+        rearm = self.rearm if self._oneshot else None
         while not self._stopping:
             if stop_when_empty and not handlers:
                 return
@@ -140,6 +155,12 @@ class Reactor:
                     continue
                 try:
                     handler.on_readable()
+                    if rearm is not None:
+                        rounds = 1
+                        while rounds < _KEEP_ROUNDS and handler.readable_now():
+                            handler.on_readable()
+                            rounds += 1
                 except Exception:  # a handler bug must not kill a pool thread
                     log.exception("error serving %r", handler)
-                self.rearm(handler)
+                if rearm is not None:
+                    rearm(handler)
