@@ -445,3 +445,336 @@ def test_many_concurrent_clients_all_ready(managers):
     result = WebSocketBaseline("websockets").fanin(url, 250, 30.0)
     assert result["ready"] == 250, result
     assert not result.get("errors")
+
+
+# -- review findings: one regression test each ------------------------------------------------
+
+
+class FakeWsServer:
+    """A listening socket that answers one WebSocket upgrade by hand, then does what a test says."""
+
+    def __init__(self, backlog: int = 16) -> None:
+        self.ls = socket.socket()
+        self.ls.bind(("127.0.0.1", 0))
+        self.ls.listen(backlog)
+        self.port = self.ls.getsockname()[1]
+        self.socks: list[socket.socket] = []
+        self.threads: list[threading.Thread] = []
+        self.stop = threading.Event()
+
+    def accept_upgrade(self, extra: bytes = b"", rcvbuf: int | None = None) -> socket.socket:
+        from websockets.utils import accept_key
+
+        s, _ = self.ls.accept()
+        self.socks.append(s)
+        if rcvbuf:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            buf += s.recv(4096)
+        key = next(
+            line.split(b":", 1)[1].strip()
+            for line in buf.split(b"\r\n")
+            if line.lower().startswith(b"sec-websocket-key")
+        )
+        s.sendall(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Accept: " + accept_key(key.decode()).encode() + b"\r\n\r\n" + extra
+        )
+        return s
+
+    def run(self, target, *args) -> None:
+        t = threading.Thread(target=target, args=args, daemon=True)
+        t.start()
+        self.threads.append(t)
+
+    def close(self) -> None:
+        self.stop.set()
+        for s in self.socks:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for t in self.threads:
+            t.join(5)
+        for s in self.socks:
+            s.close()
+        self.ls.close()
+
+
+def _server_ws(frame: bytes) -> bytes:
+    """One unmasked binary WebSocket frame (server to client), any length."""
+    n = len(frame)
+    if n < 126:
+        return bytes((0x82, n)) + frame
+    if n < 65536:
+        return struct.pack("!BBH", 0x82, 126, n) + frame
+    return struct.pack("!BBQ", 0x82, 127, n) + frame
+
+
+def _connect_in_thread(driver: WebSocketDriver, params: dict) -> tuple[threading.Thread, list, list]:
+    from sfm_core.driver import ConnMonitor, ConnState
+
+    conns: list = []
+    errors: list = []
+
+    class Mon(ConnMonitor):
+        def state_change(self, c):
+            if c.state == ConnState.CONNECTED:
+                conns.append(c)
+
+    driver.register_conn_monitor(Mon())
+    connector = ConnectorInfo("CH-test", driver, params, Mode.ACTIVE)
+
+    def run() -> None:
+        try:
+            driver.connect(connector)
+        except Exception as e:
+            errors.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, conns, errors
+
+
+@pytest.mark.parametrize("size", [1000, 100_000])
+def test_caller_may_reuse_its_buffer_when_send_returns(managers, size):
+    # Both sides (the client masks, the server frames as is), small (joined) and big frames.
+    server, client, scol, ccol, _ = pair(managers)
+    n = 50
+    for sender, ep_name in ((client, "server"), (server, "site-1")):
+        ep = sender.find_endpoint(ep_name)
+        buf = bytearray(size)
+        view = memoryview(buf)
+        for i in range(n):
+            buf[:] = bytes([i]) * size  # fill, send, refill: normal buffer reuse
+            sender.send_message(ep, 1, {"i": i}, view if i % 2 else buf)
+        buf[:] = b"\xff" * size
+    for col in (scol, ccol):
+        msgs = col.wait_for(n)
+        assert [m[2]["i"] for m in msgs if m[3] != bytes([m[2]["i"]]) * size] == []
+
+
+def test_empty_continuation_frames_are_capped(managers, monkeypatch):
+    from sfm_driver_websocket import connection
+
+    monkeypatch.setattr(connection, "MAX_FRAGMENTS", 1000, raising=False)
+    server, url, _ = serve(managers)
+    ws = RawWs(url)
+    try:
+        ws.hello("raw-1")
+        assert ws.recv_frame()[0] == 0x2
+        ws.send_frame(0x2, b"", fin=False)
+        ws.sock.sendall(b"\x00\x80\x00\x00\x00\x00" * 1001)  # empty non-final continuations
+        assert ws.wait_close_code() == 1009
+        assert ws.closed_by_peer()
+    finally:
+        ws.close()
+
+
+def test_first_message_is_limited_to_the_handshake_size(managers, caplog):
+    from sfm_core.frames import HANDSHAKE_MAX_FRAME
+
+    server, url, col = serve(managers)
+    ws = RawWs(url)
+    try:
+        with caplog.at_level(logging.INFO, logger=LOGGER):
+            ws.send_frame(0x2, b"", declared=HANDSHAKE_MAX_FRAME + 1)  # only the header: refused at once
+            assert ws.wait_close_code() == 1009
+            assert ws.closed_by_peer()
+            wait_until(lambda: "first message too big" in caplog.text, what="logged reason")
+    finally:
+        ws.close()
+    # After the first message the full max_frame_size applies, even in the same read.
+    ws = RawWs(url)
+    try:
+        hello = b"".join(encode_frame(FrameType.HELLO, 0, 1, None, build_handshake("raw-2", {})))
+        big = b"".join(encode_frame(FrameType.DATA, 1, 17, None, b"b" * (2 * MIB)))
+        head = [struct.pack("!BB", 0x82, 0x80 | len(hello)), struct.pack("!BBQ", 0x82, 0x80 | 127, len(big))]
+        ws.sock.sendall(head[0] + b"\0" * 4 + hello + head[1] + b"\0" * 4 + big)
+        assert ws.recv_frame()[0] == 0x2
+        assert col.wait_for(1)[0][3] == b"b" * (2 * MIB)
+    finally:
+        ws.close()
+
+
+def test_pause_asked_while_taking_early_frames_is_kept(managers):
+    # Client side: the READY and many frames come with the upgrade response, before
+    # add_connection; delivering them fills the lane (which pauses reading); start_reading must
+    # not resume reading after that.
+    fake = FakeWsServer()
+    data = _server_ws(b"".join(encode_frame(FrameType.DATA, 1, 17, None, b"x")))
+    ready = _server_ws(b"".join(encode_frame(FrameType.READY, 0, 1, None, build_handshake("server", {}))))
+
+    def serve_fast() -> None:
+        s = fake.accept_upgrade(ready + data * 300)
+        s.settimeout(0.2)
+        while not fake.stop.is_set():
+            try:
+                s.sendall(data * 1000)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+
+    fake.run(serve_fast)
+    col = Collector()
+    col.gate = threading.Event()  # a receiver that is stuck
+    try:
+        client = managers("site-1", queue_frames=100)
+        client.register_message_receiver(1, col)
+        client.add_connector(f"ws://127.0.0.1:{fake.port}", {}, Mode.ACTIVE)
+        client.start()
+        wait_until(lambda: client.sfm_conns, what="connection")
+        [sc] = list(client.sfm_conns.values())
+        wait_until(lambda: not sc.conn.transport.is_reading(), 2.0, what="reading paused")
+        time.sleep(0.3)
+        assert not sc.conn.transport.is_reading()
+        assert sc.lane.queued < 5000
+    finally:
+        col.gate.set()
+        fake.close()
+
+
+def test_close_from_peer_without_tcp_close_ends_after_close_timeout():
+    fake = FakeWsServer()
+
+    def close_but_keep_tcp() -> None:
+        s = fake.accept_upgrade()
+        time.sleep(0.1)
+        s.sendall(b"\x88\x02" + struct.pack("!H", 1001))  # Close 1001, and no FIN ever
+        while not fake.stop.is_set():
+            try:
+                if not s.recv(65536):
+                    return
+            except OSError:
+                return
+
+    fake.run(close_but_keep_tcp)
+    driver = WebSocketDriver()
+    try:
+        t0 = time.monotonic()
+        t, conns, _ = _connect_in_thread(driver, {"host": "127.0.0.1", "port": fake.port, "close_timeout": "0.3"})
+        t.join(2.0)
+        assert not t.is_alive(), "connect() still blocked after the peer's Close + close_timeout"
+        assert time.monotonic() - t0 < 2.0 and conns
+    finally:
+        driver.shutdown()
+        fake.close()
+
+
+def test_graceful_close_sends_accepted_frames_first():
+    fake = FakeWsServer()
+    go = threading.Event()
+    result: dict = {}
+
+    def slow_reader() -> None:
+        s = fake.accept_upgrade(rcvbuf=65536)
+        go.wait(10)
+        s.settimeout(5)
+        buf = b""
+        n = 0
+
+        def need(k: int) -> bytes:
+            nonlocal buf
+            while len(buf) < k:
+                chunk = s.recv(1 << 20)
+                if not chunk:
+                    raise EOFError
+                buf += chunk
+            out, buf = buf[:k], buf[k:]
+            return out
+
+        try:
+            while True:
+                b0, b1 = need(2)
+                ln = b1 & 0x7F
+                if ln == 126:
+                    (ln,) = struct.unpack("!H", need(2))
+                elif ln == 127:
+                    (ln,) = struct.unpack("!Q", need(8))
+                need(4)
+                need(ln)
+                if b0 & 0x0F == 8:
+                    break
+                n += 1
+        except (EOFError, OSError):
+            pass
+        result["received"] = n
+        s.shutdown(socket.SHUT_RDWR)  # answer the Close with the TCP close, as a server does
+
+    fake.run(slow_reader)
+    driver = WebSocketDriver()
+    params = {"host": "127.0.0.1", "port": fake.port, "high_water": str(256 * 1024), "send_timeout": "0.3"}
+    try:
+        t, conns, _ = _connect_in_thread(driver, params)
+        wait_until(lambda: conns, what="connected")
+        conn = conns[0]
+        frame = encode_frame(FrameType.DATA, 1, 17, None, bytes(100_000))
+        accepted = 0
+        with pytest.raises(CommError):
+            while accepted < 1000:
+                conn.send_frame(list(frame))
+                accepted += 1
+        assert conn._queue, "nothing left queued: the test did not fill the driver's queue"
+        conn.close()
+        time.sleep(0.1)
+        go.set()
+        t.join(5)
+        wait_until(lambda: "received" in result, what="peer done")
+        assert result["received"] == accepted
+    finally:
+        go.set()
+        driver.shutdown()
+        fake.close()
+
+
+def _full_backlog() -> tuple[socket.socket, list[socket.socket]]:
+    """A listener whose accept queue is full: further SYNs are dropped (the TCP connect hangs)."""
+    ls = socket.socket()
+    ls.bind(("127.0.0.1", 0))
+    ls.listen(0)
+    port = ls.getsockname()[1]
+    fill = []
+    for _ in range(4):
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(("127.0.0.1", port))
+        fill.append(s)
+    time.sleep(0.1)
+    return ls, fill
+
+
+def test_shutdown_stops_a_connect_in_the_tcp_phase():
+    ls, fill = _full_backlog()
+    driver = WebSocketDriver()
+    try:
+        port = ls.getsockname()[1]
+        t, _, errors = _connect_in_thread(driver, {"host": "127.0.0.1", "port": port, "connect_timeout": "8"})
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        driver.shutdown()
+        t.join(3)
+        assert not t.is_alive() and time.monotonic() - t0 < 2.0
+        assert isinstance(errors[0], CommError) and errors[0].code == CommError.CLOSED
+    finally:
+        for s in fill:
+            s.close()
+        ls.close()
+
+
+def test_slow_upgrade_raises_commerror_timeout_within_connect_timeout():
+    fake = FakeWsServer()
+    fake.run(lambda: fake.socks.append(fake.ls.accept()[0]))  # accepts, never answers the upgrade
+    driver = WebSocketDriver()
+    try:
+        connector = ConnectorInfo(
+            "CH-test", driver, {"host": "127.0.0.1", "port": fake.port, "connect_timeout": "0.5"}, Mode.ACTIVE
+        )
+        t0 = time.monotonic()
+        with pytest.raises(CommError) as e:
+            driver.connect(connector)
+        assert e.value.code == CommError.TIMEOUT
+        assert time.monotonic() - t0 < 1.5
+    finally:
+        fake.close()

@@ -25,7 +25,7 @@ from websockets.protocol import CLOSED, OPEN, Protocol
 from websockets.server import ServerProtocol
 
 from sfm_core import CommError, Connection, ConnectorInfo
-from sfm_core.frames import PREFIX_LEN, check_prefix
+from sfm_core.frames import HANDSHAKE_MAX_FRAME, PREFIX_LEN, check_prefix
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,33 @@ _HDR64 = struct.Struct("!BBQ")
 # buffers are written as they are, after the WebSocket header and the SFM head.
 _JOIN_BELOW = 64 * 1024
 _BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+#: At most this many WebSocket frames make one (fragmented) message; more closes with 1009. A
+#: message of the largest size (2 GiB) in fragments of 32 KiB or more fits.
+MAX_FRAGMENTS = 65536
+
+
+def _stable(b: Any) -> bool:
+    """True if ``b`` cannot change after send_frame returns: bytes, or a read-only view of bytes."""
+    t = type(b)
+    return t is bytes or (t is memoryview and b.readonly and type(b.obj) is bytes)
+
+
+def _first_message_limit(proto: Protocol, later: int | None) -> None:
+    """Limit the first message to HANDSHAKE_MAX_FRAME, then allow ``later`` (as the TCP driver).
+
+    The limit is raised inside the parser, as soon as the first whole data message is parsed, so
+    a big second message that arrives in the same read is measured against the right limit.
+    """
+    proto.max_message_size = HANDSHAKE_MAX_FRAME if later is None else min(later, HANDSHAKE_MAX_FRAME)
+    recv_frame = type(proto).recv_frame
+
+    def first_recv_frame(frame: Any) -> None:
+        recv_frame(proto, frame)
+        if frame.fin and frame.opcode in (Opcode.BINARY, Opcode.CONT, Opcode.TEXT):
+            proto.max_message_size = later
+            del proto.recv_frame  # back to the class's method: no cost per frame from now on
+
+    proto.recv_frame = first_recv_frame  # type: ignore[method-assign]
 
 
 def fmt_addr(addr: object) -> str:
@@ -92,7 +119,8 @@ class WebSocketConnection(Connection, asyncio.Protocol):
         self.added = False  # handed to the core through add_connection
         self._timer: asyncio.TimerHandle | None = None
         self._reason_logged = False
-        self._fragments: list | None = None
+        self._fragments: bytearray | None = None  # the message being joined from fragments
+        self._nfragments = 0
         self._responded = False  # server side: an HTTP response was sent
         self._early: list = []  # client side: frames that came before add_connection
         self._loop_tid = -1
@@ -105,7 +133,12 @@ class WebSocketConnection(Connection, asyncio.Protocol):
         self._flush_pending = False
         self._write_paused = False
         self._closing = False  # no more sends accepted
-        self._read_paused = False
+        self._close_after_flush = False  # close() asked: send the Close once the queue is written
+        # Reading: the core's wish (pause_reading/resume_reading, any thread) and our own hold
+        # (client side, until add_connection); the transport reads only when neither says stop.
+        self._core_paused = False
+        self._held = False
+        _first_message_limit(proto, max_frame_size)
 
     # -- properties ------------------------------------------------------------------------
 
@@ -147,11 +180,14 @@ class WebSocketConnection(Connection, asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         proto = self.proto
-        if proto.state is OPEN and (proto.reader.buffer or proto.current_size is not None or self._fragments):
+        if proto.state is OPEN and (
+            proto.reader.buffer or proto.current_size is not None or self._fragments is not None
+        ):
             pending = len(proto.reader.buffer) + (proto.current_size or 0)
             self._log_reason(f"peer closed in the middle of a message ({pending} bytes of it received)")
         proto.receive_eof()
         self._write_out()
+        self._start_close_timer()  # a peer that sent EOF but never reads must not keep us open
         return None  # let the transport close
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -196,7 +232,8 @@ class WebSocketConnection(Connection, asyncio.Protocol):
             except CommError as e:
                 self._fail(CloseCode.INTERNAL_ERROR, f"frames not accepted: {e}")
                 return
-        self._set_reading(True)
+        self._held = False
+        self._apply_reading()  # unless the core paused us meanwhile (while taking the early frames)
 
     def _handshake_done(self) -> None:
         """The protocol turned OPEN: hand the connection to the core (server) or the connector."""
@@ -207,8 +244,8 @@ class WebSocketConnection(Connection, asyncio.Protocol):
             self.driver._server_opened(self)
         else:
             # The connector thread calls add_connection; nothing may be read before that.
+            self._held = True
             self.transport.pause_reading()  # type: ignore[union-attr]
-            self._read_paused = True
             if self.opened is not None and not self.opened.done():
                 self.opened.set_result(self)
 
@@ -267,24 +304,34 @@ class WebSocketConnection(Connection, asyncio.Protocol):
                 if event.fin:
                     message = event.data
                 else:
-                    self._fragments = [event.data]
+                    self._fragments = bytearray(event.data)
+                    self._nfragments = 1
                     continue
             elif opcode is Opcode.CONT:
-                if self._fragments is None:
+                fragments = self._fragments
+                if fragments is None:
                     continue  # the protocol already refuses a stray continuation
-                self._fragments.append(event.data)
+                fragments += event.data
+                self._nfragments += 1
+                if self._nfragments > MAX_FRAGMENTS:
+                    self._fragments = None
+                    self._fail(CloseCode.MESSAGE_TOO_BIG, f"message in more than {MAX_FRAGMENTS} fragments")
+                    break
                 if not event.fin:
                     continue
-                message = b"".join(self._fragments)
+                message = fragments
                 self._fragments = None
             elif opcode is Opcode.TEXT:
                 self._fail(CloseCode.UNSUPPORTED_DATA, "text message received; SFM frames are binary messages")
                 break
             else:
-                if opcode is Opcode.CLOSE and not self._closing:
-                    with self._lock:
-                        self._closing = True
-                        self._room.notify_all()
+                if opcode is Opcode.CLOSE:
+                    if not self._closing:
+                        with self._lock:
+                            self._closing = True
+                            self._room.notify_all()
+                    # The protocol answers; a peer that then never closes TCP must not keep us open.
+                    self._start_close_timer()
                 continue  # ping/pong/close: the protocol answers them
             problem = _check_message(message, self.max_frame_size)
             if problem is not None:
@@ -327,7 +374,10 @@ class WebSocketConnection(Connection, asyncio.Protocol):
             return
         self._reason_logged = True
         if isinstance(reason, PayloadTooBig):
-            reason = f"message too big for max_frame_size {self.max_frame_size}: {reason}"
+            if "recv_frame" in vars(self.proto):  # still before the first message
+                reason = f"first message too big (at most {HANDSHAKE_MAX_FRAME} bytes before the handshake): {reason}"
+            else:
+                reason = f"message too big for max_frame_size {self.max_frame_size}: {reason}"
         elif isinstance(reason, InvalidMessage):
             reason = f"not a WebSocket client: {reason} ({reason.__cause__})"
         elif isinstance(reason, EOFError):
@@ -338,30 +388,49 @@ class WebSocketConnection(Connection, asyncio.Protocol):
 
     def pause_reading(self) -> None:
         """Stop reading from the socket (any thread)."""
-        self._call(self._set_reading, False)
+        self._core_paused = True
+        self._call(self._apply_reading)
 
     def resume_reading(self) -> None:
         """Read from the socket again (any thread)."""
-        self._call(self._set_reading, True)
+        self._core_paused = False
+        self._call(self._apply_reading)
 
-    def _set_reading(self, on: bool) -> None:
+    def _apply_reading(self) -> None:
+        """Make the transport read or not, from the latest wishes (loop thread; idempotent)."""
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        self._read_paused = not on
-        if on:
-            transport.resume_reading()
-        else:
+        if self._held or self._core_paused:
             transport.pause_reading()
+        else:
+            transport.resume_reading()
 
     # -- sending ---------------------------------------------------------------------------
 
     def send_frame(self, frame: Any) -> None:
-        """Queue one SFM frame as one binary message; blocks while too much is outstanding."""
+        """Queue one SFM frame as one binary message; blocks while too much is outstanding.
+
+        When it returns the caller may reuse its buffers: bytes (and read-only views of bytes)
+        are queued as they are; a frame with a writable buffer (bytearray, writable memoryview,
+        mmap) is joined here if small (as the loop would join it anyway); a big one is encoded
+        here into new buffers: masked on the client side (a copy that masking makes anyway), a
+        copy of each writable buffer on the server side.
+        """
         bufs = frame if isinstance(frame, list) else [frame]
         size = 0
+        stable = True
         for b in bufs:
             size += b.nbytes if isinstance(b, memoryview) else len(b)
+            if stable and not _stable(b):
+                stable = False
+        if not stable:
+            if size < _JOIN_BELOW:
+                bufs = [b"".join(bufs)]  # the join the loop would make anyway, made here
+            else:
+                chunks: list = []
+                self._encode_data_frame(bufs, chunks, copy=True)
+                bufs = tuple(chunks)  # a tuple: already encoded (see _flush)
         deadline = None
         with self._lock:
             while True:
@@ -393,25 +462,37 @@ class WebSocketConnection(Connection, asyncio.Protocol):
     def _flush(self) -> None:
         with self._lock:
             self._flush_pending = False
-            if self._write_paused or not self._queue:
+            if self._write_paused:
                 return
-            queue, self._queue = self._queue, deque()
-            self._queued_bytes = 0
-            self._room.notify_all()
+            queue = self._queue
+            if queue:
+                self._queue = deque()
+                self._queued_bytes = 0
+                self._room.notify_all()
         if self.proto.state is not OPEN or self.transport is None:
             return
-        self._write_out()  # control frames the protocol queued go first, in order
-        chunks: list = []
-        for bufs in queue:
-            self._encode_data_frame(bufs, chunks)
-        self._write_chunks(chunks)
+        if queue:
+            self._write_out()  # control frames the protocol queued go first, in order
+            chunks: list = []
+            for bufs in queue:
+                if type(bufs) is tuple:  # encoded by send_frame
+                    chunks.extend(bufs)
+                else:
+                    self._encode_data_frame(bufs, chunks)
+            self._write_chunks(chunks)
+        if self._close_after_flush:
+            # close() was asked: every frame send_frame accepted is written; now the Close.
+            self._close_after_flush = False
+            self.proto.send_close(CloseCode.NORMAL_CLOSURE)
+            self._write_out()
 
-    def _encode_data_frame(self, bufs: list, out: list) -> None:
+    def _encode_data_frame(self, bufs: list, out: list, copy: bool = False) -> None:
         """Append one binary WebSocket frame carrying ``bufs`` to ``out``, copying as little as we can.
 
         websockets' serializer would copy the payload into a new bytes (and the receiver would
         have to join fragments), so data frames are framed here (RFC 6455 5.2); the protocol
-        object still does the handshake, parsing, ping/pong and close.
+        object still does the handshake, parsing, ping/pong and close. With ``copy`` nothing in
+        ``out`` refers to a writable buffer of ``bufs`` (masking and joining make new bytes anyway).
         """
         total = 0
         for b in bufs:
@@ -434,7 +515,10 @@ class WebSocketConnection(Connection, asyncio.Protocol):
             return
         if not mask:
             out.append(hdr)
-            out.extend(bufs)
+            if copy:
+                out.extend(b if _stable(b) else bytes(b) for b in bufs)
+            else:
+                out.extend(bufs)
             return
         key = secrets.token_bytes(4)
         out.append(hdr + key)
@@ -494,9 +578,13 @@ class WebSocketConnection(Connection, asyncio.Protocol):
             return
         proto = self.proto
         if proto.state is OPEN:
-            proto.send_close(CloseCode.NORMAL_CLOSURE)
-            self._write_out()
-        elif proto.state is not CLOSED:
+            # The frames send_frame accepted go first, then the Close (_flush sends it once the
+            # queue is written; the close timer bounds how long a slow reader may take).
+            self._close_after_flush = True
+            self._start_close_timer()
+            self._flush()
+            return
+        if proto.state is not CLOSED:
             self.transport.close()
         self._start_close_timer()
 

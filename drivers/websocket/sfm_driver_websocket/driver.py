@@ -9,6 +9,7 @@ connection of every connector is a plain ``asyncio.Protocol`` on the one loop of
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
 import logging
 import threading
@@ -58,6 +59,8 @@ class WebSocketDriver(Driver):
         #: Every transport this driver has open (handshaking or not); loop thread only.
         self._live: set[WebSocketConnection] = set()
         self._servers: list[asyncio.AbstractServer] = []
+        #: connect() calls still opening (TCP connect or upgrade); loop thread only.
+        self._opening: set[asyncio.Task] = set()
         self._pending = 0
 
     @staticmethod
@@ -175,7 +178,16 @@ class WebSocketDriver(Driver):
             raise CommError(CommError.CLOSED, "websocket driver is shut down")
         lt = self._acquire()
         try:
-            conn = lt.run(self._open(connector, host, port, timeout, opts), timeout + 5.0)
+            try:
+                # _open keeps one deadline of connect_timeout for TCP connect and upgrade together;
+                # the margin here only covers its cleanup.
+                conn = lt.run(self._open(connector, host, port, timeout, opts), timeout + 5.0)
+            except (concurrent.futures.CancelledError, asyncio.CancelledError):
+                raise CommError(CommError.CLOSED, "websocket driver is shut down") from None
+            except (concurrent.futures.TimeoutError, asyncio.TimeoutError):
+                raise CommError(
+                    CommError.TIMEOUT, f"websocket: no connection to {host}:{port} after {timeout} s"
+                ) from None
             try:
                 if self._stopping.is_set():
                     raise CommError(CommError.CLOSED, "websocket driver is shut down")
@@ -204,20 +216,32 @@ class WebSocketDriver(Driver):
         proto = ClientProtocol(uri, max_size=opts["max_frame_size"])
         conn = WebSocketConnection(self, connector, loop, proto, **opts)
         conn.opened = loop.create_future()
+        task = asyncio.current_task()
+        assert task is not None
+        if self._stopping.is_set():  # shutdown() ran before this task could be cancelled by it
+            raise CommError(CommError.CLOSED, "websocket driver is shut down")
+        self._opening.add(task)
         try:
-            await asyncio.wait_for(loop.create_connection(lambda: conn, host, port), timeout)
-            return await asyncio.wait_for(conn.opened, timeout)
-        except (OSError, asyncio.TimeoutError, CommError) as e:
+            # One deadline for the TCP connect and the upgrade together.
+            async with asyncio.timeout(timeout):
+                await loop.create_connection(lambda: conn, host, port)
+                return await conn.opened
+        except (OSError, TimeoutError, CommError) as e:
             conn.abort()
             if conn.transport is not None:
                 await _wait_lost([conn], 2.0)
             if isinstance(e, CommError):
                 raise
-            what = "timed out" if isinstance(e, asyncio.TimeoutError) else str(e)
-            raise CommError(CommError.CLOSED, f"websocket: cannot connect to {target}: {what}") from None
+            if isinstance(e, TimeoutError):
+                raise CommError(
+                    CommError.TIMEOUT, f"websocket: cannot connect to {target}: no connection within {timeout} s"
+                ) from None
+            raise CommError(CommError.CLOSED, f"websocket: cannot connect to {target}: {e}") from None
         except BaseException:
             conn.abort()
             raise
+        finally:
+            self._opening.discard(task)
 
     def _on_lost(self, conn: WebSocketConnection) -> None:
         """A transport is gone (loop thread); nothing to do beyond the connection's own cleanup."""
@@ -235,6 +259,8 @@ class WebSocketDriver(Driver):
                 pass
 
     def _close_all(self) -> None:
+        for task in list(self._opening):  # connect() calls still in TCP connect or upgrade
+            task.cancel()
         for conn in list(self._live):
             conn._close_on_loop()
 
