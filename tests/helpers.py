@@ -65,6 +65,19 @@ class StateLog(EndpointMonitor):
         self.events.append((endpoint.name, endpoint.state))
 
 
+def closed_by_peer(sock: socket.socket, timeout: float = 5.0) -> bool:
+    """True once the other side closes ``sock`` (what arrives meanwhile is dropped)."""
+    sock.settimeout(timeout)
+    try:
+        while sock.recv(65536):
+            pass
+        return True
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    except TimeoutError:
+        return False
+
+
 class RawPeer:
     """A bare TCP socket speaking SFM through the sans-I/O codec (for bad-input tests)."""
 
@@ -102,16 +115,7 @@ class RawPeer:
 
     def is_closed_by_peer(self, timeout: float = 5.0) -> bool:
         """True once the other side closes the connection (reads and drops frames meanwhile)."""
-        self.sock.settimeout(timeout)
-        try:
-            while True:
-                data = self.sock.recv(65536)
-                if not data:
-                    return True
-        except (ConnectionResetError, BrokenPipeError):
-            return True
-        except TimeoutError:
-            return False
+        return closed_by_peer(self.sock, timeout)
 
     def close(self) -> None:
         self.sock.close()

@@ -11,7 +11,7 @@ import time
 
 import psutil
 import pytest
-from helpers import Collector, wait_ready, wait_until
+from helpers import Collector, closed_by_peer, wait_ready, wait_until
 
 from sfm_core import CommError, ConnectorInfo, ConnManager, Endpoint, EndpointState, Mode
 from sfm_core.frames import FrameType, encode_frame
@@ -102,15 +102,7 @@ class RawWs:
         self.send_frame(0x2, frame)
 
     def closed_by_peer(self, timeout: float = 5.0) -> bool:
-        self.sock.settimeout(timeout)
-        try:
-            while True:
-                if not self.sock.recv(65536):
-                    return True
-        except (ConnectionResetError, BrokenPipeError):
-            return True
-        except TimeoutError:
-            return False
+        return closed_by_peer(self.sock, timeout)
 
     def close(self) -> None:
         self.sock.close()

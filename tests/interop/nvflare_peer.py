@@ -65,6 +65,8 @@ import sys
 import threading
 import traceback
 
+import json_tags  # beside this script, so on sys.path when it runs
+
 # --------------------------------------------------------------------------------------
 # stdout discipline: keep a private handle on the real stdout, send everything else
 # (print(), C-level writes from grpc, ...) to stderr.
@@ -87,41 +89,12 @@ def emit(obj: dict) -> None:
 # --------------------------------------------------------------------------------------
 # tagged JSON encoding
 # --------------------------------------------------------------------------------------
-_TAGS = ("__bytes__", "__dict__", "__repr__")
-
-
 def to_json(v):
-    if v is None or isinstance(v, (bool, int, float, str)):
-        return v
-    if isinstance(v, (bytes, bytearray, memoryview)):
-        return {"__bytes__": base64.b64encode(bytes(v)).decode("ascii")}
-    if isinstance(v, (list, tuple)):
-        return [to_json(x) for x in v]
-    if isinstance(v, dict):
-        if all(isinstance(k, str) for k in v) and not (len(v) == 1 and next(iter(v)) in _TAGS):
-            return {k: to_json(x) for k, x in v.items()}
-        return {"__dict__": [[to_json(k), to_json(x)] for k, x in v.items()]}
-    return {"__repr__": repr(v)}
-
-
-def _hashable(v):
-    return tuple(v) if isinstance(v, list) else v
+    return json_tags.to_json(v, strict=False)
 
 
 def from_json(v):
-    if isinstance(v, list):
-        return [from_json(x) for x in v]
-    if isinstance(v, dict):
-        if len(v) == 1:
-            ((k, x),) = v.items()
-            if k == "__bytes__":
-                return base64.b64decode(x)
-            if k == "__dict__":
-                return {_hashable(from_json(a)): from_json(b) for a, b in x}
-            if k == "__repr__":
-                raise ValueError(f"cannot decode {{'__repr__': {x!r}}}")
-        return {k: from_json(x) for k, x in v.items()}
-    return v
+    return json_tags.from_json(v, strict=True)
 
 
 def parse_props(items, props_json):

@@ -37,6 +37,8 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+import json_tags
+
 HERE = pathlib.Path(__file__).resolve().parent
 PEER_SCRIPT = HERE / "nvflare_peer.py"
 
@@ -55,41 +57,12 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 # ---- tagged JSON encoding, the same as in nvflare_peer.py -------------------------------
-_TAGS = ("__bytes__", "__dict__", "__repr__")
-
-
 def to_json(v: Any) -> Any:
-    if v is None or isinstance(v, (bool, int, float, str)):
-        return v
-    if isinstance(v, (bytes, bytearray, memoryview)):
-        return {"__bytes__": base64.b64encode(bytes(v)).decode("ascii")}
-    if isinstance(v, (list, tuple)):
-        return [to_json(x) for x in v]
-    if isinstance(v, dict):
-        if all(isinstance(k, str) for k in v) and not (len(v) == 1 and next(iter(v)) in _TAGS):
-            return {k: to_json(x) for k, x in v.items()}
-        return {"__dict__": [[to_json(k), to_json(x)] for k, x in v.items()]}
-    raise TypeError(f"cannot encode {type(v).__name__} for the nvflare peer")
-
-
-def _hashable(v):
-    return tuple(v) if isinstance(v, list) else v
+    return json_tags.to_json(v, strict=True)
 
 
 def from_json(v: Any) -> Any:
-    if isinstance(v, list):
-        return [from_json(x) for x in v]
-    if isinstance(v, dict):
-        if len(v) == 1:
-            ((k, x),) = v.items()
-            if k == "__bytes__":
-                return base64.b64decode(x)
-            if k == "__dict__":
-                return {_hashable(from_json(a)): from_json(b) for a, b in x}
-            if k == "__repr__":
-                return v  # undecodable value, keep the tag
-        return {k: from_json(x) for k, x in v.items()}
-    return v
+    return json_tags.from_json(v, strict=False)  # an undecodable value keeps its tag
 
 
 @dataclasses.dataclass
