@@ -191,6 +191,10 @@ class SfmFrameReceiver(FrameReceiver):
         """Queue one frame for delivery."""
         self.process_frames((frame,))
 
+    def bytes_received(self) -> None:
+        """Part of a frame arrived: count it as activity for the heartbeat checks."""
+        self.conn.last_activity = time.monotonic()
+
     def process_frames(self, frames: Any) -> None:
         """Deliver a batch of frames: right here for inline drivers, else via the ordered lane."""
         conn = self.conn

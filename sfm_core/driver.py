@@ -97,6 +97,10 @@ class FrameReceiver(ABC):
         for frame in frames:
             self.process_frame(frame)
 
+    def bytes_received(self) -> None:
+        """Bytes of a frame not yet complete arrived: the peer is alive (a slow large frame
+        must not look like a dead peer). Optional for drivers; cheap to call."""
+
 
 class Connection(ABC):
     """One transport connection that carries whole frames.

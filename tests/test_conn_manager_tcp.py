@@ -613,3 +613,19 @@ def test_a_first_frame_too_large_for_a_handshake_is_refused(managers, caplog) ->
         peer.send(PREFIX.pack(2 << 20, 0, 4, 0, 0, 0, 1, 1))  # a "HELLO" of 2 MiB
         assert peer.is_closed_by_peer()
     assert "exceeds the maximum frame size of 1048576" in caplog.text
+
+
+def test_a_slow_large_frame_is_not_taken_for_a_dead_peer(managers) -> None:
+    server = managers("server", heartbeat_interval=0.2, heartbeat_check=0.05, dead_after=2)
+    got = Collector()
+    server.register_message_receiver(1, got)
+    url = listen(server)
+    with RawPeer(url) as peer:
+        peer.hello("trickle")
+        peer.read_frame()
+        payload = b"t" * (2 << 20)
+        frame = PREFIX.pack(16 + len(payload), 0, 1, 0, 0, 1, 17, 2) + payload
+        for i in range(0, len(frame), len(frame) // 12):  # 1.2 s in all, longer than 2 x 0.2 s
+            peer.send(frame[i : i + len(frame) // 12])
+            time.sleep(0.1)
+        assert got.wait_for(1)[0][3] == payload

@@ -201,8 +201,11 @@ class TcpConnection(Connection):
                 except BlockingIOError:
                     # In the middle of a large frame, wait here for the rest: cheaper than a
                     # trip through epoll (and maybe another pool thread) for every chunk.
-                    if decoder.in_large_frame and self._wait_readable():
-                        continue
+                    if decoder.in_large_frame:
+                        if self.frame_receiver is not None:
+                            self.frame_receiver.bytes_received()  # alive, if slow
+                        if self._wait_readable():
+                            continue
                     break
                 reads += 1
                 if n == 0:
@@ -233,7 +236,10 @@ class TcpConnection(Connection):
         except OSError as e:
             log.info("connection %s: %s", self.name, e)
             self._eof = True
-        self._hand_over(frames)
+        if frames:
+            self._hand_over(frames)
+        elif reads and self.frame_receiver is not None:
+            self.frame_receiver.bytes_received()  # a large frame is still coming in
 
     def _wait_readable(self, timeout_ms: int = _LARGE_FRAME_WAIT_MS) -> bool:
         if self._poller is None:
