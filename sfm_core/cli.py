@@ -90,18 +90,29 @@ def _wait_for_signal() -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    manager = ConnManager(Endpoint(args.name), heartbeat_interval=args.heartbeat)
+    if args.config:
+        from .config import load_config
+
+        manager, handles = load_config(args.config).build()
+    else:
+        if not args.url or not args.name:
+            print("sfm serve: give URL and --name, or --config FILE", file=sys.stderr)
+            return 2
+        manager = ConnManager(Endpoint(args.name), heartbeat_interval=args.heartbeat)
+        mode = Mode.ACTIVE if args.connect else Mode.PASSIVE
+        handles = [manager.add_connector(args.url, {}, mode)]
+    name = manager.local_endpoint.name
     manager.add_endpoint_monitor(_PrintMonitor())
     if args.echo is not None:
         manager.register_message_receiver(args.echo, _Echo(manager))
-    mode = Mode.ACTIVE if args.connect else Mode.PASSIVE
-    handle = manager.add_connector(args.url, {}, mode)
     manager.start()
     try:
-        if mode == Mode.PASSIVE:
-            _out(f"{args.name} listening on {manager.wait_listening(handle, 10)}")
-        else:
-            _out(f"{args.name} connecting to {args.url}")
+        for handle in handles:
+            connector = manager.get_connector(handle)
+            if connector.mode == Mode.PASSIVE:
+                _out(f"{name} listening on {manager.wait_listening(handle, 10)}")
+            else:
+                _out(f"{name} connecting to {connector.params.get('url')}")
         _wait_for_signal()
     finally:
         manager.stop()
@@ -334,8 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_drivers)
 
     p = sub.add_parser("serve", help="run an endpoint")
-    p.add_argument("url", help="listen URL (e.g. tcp://0:8002), or with --connect the URL to connect to")
-    p.add_argument("--name", required=True, help="local endpoint name")
+    p.add_argument("url", nargs="?", help="listen URL (e.g. tcp://0:8002), or with --connect the URL to connect to")
+    p.add_argument("--name", help="local endpoint name")
+    p.add_argument("--config", metavar="FILE", help="a TOML file with the endpoint and its connectors")
     p.add_argument("--connect", action="store_true", help="connect to URL instead of listening")
     p.add_argument("--echo", type=int, metavar="APP_ID", help="echo DATA on APP_ID back to its sender")
     p.add_argument("--heartbeat", type=float, default=60.0, help="heartbeat interval in seconds")

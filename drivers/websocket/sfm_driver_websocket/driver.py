@@ -184,7 +184,7 @@ class WebSocketDriver(Driver):
                 conn = lt.run(self._open(connector, host, port, timeout, opts), timeout + 5.0)
             except (concurrent.futures.CancelledError, asyncio.CancelledError):
                 raise CommError(CommError.CLOSED, "websocket driver is shut down") from None
-            except (concurrent.futures.TimeoutError, asyncio.TimeoutError):
+            except (TimeoutError, concurrent.futures.TimeoutError):
                 raise CommError(
                     CommError.TIMEOUT, f"websocket: no connection to {host}:{port} after {timeout} s"
                 ) from None
