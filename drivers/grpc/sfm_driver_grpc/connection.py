@@ -136,6 +136,12 @@ class GrpcConnection(Connection):
     def _wait_for_room(self, size: int) -> None:
         # Called with the lock held. Never block the loop thread itself: it is the writer.
         if self._is_loop_thread():
+            if self._queued_bytes and self._queued_bytes + size > self._send_queue_bytes:
+                raise CommError(
+                    CommError.TIMEOUT,
+                    f"connection {self.name}: send queue full ({self._queued_bytes} bytes) and the sender is the "
+                    "event loop thread, which cannot wait for it to drain",
+                )
             return
         deadline = time.monotonic() + self._send_timeout
         self._send_waiters += 1

@@ -95,7 +95,6 @@ class GrpcDriver(Driver):
         self._lock = threading.Lock()
         self._stopping = False
         self._stop_listen = threading.Event()
-        self._pending: set[concurrent.futures.Future] = set()
 
     @staticmethod
     def supported_transports() -> list[str]:
@@ -113,19 +112,12 @@ class GrpcDriver(Driver):
     # -- helpers -------------------------------------------------------------------------------
 
     def _submit(self, lt: LoopThread, coro: Any) -> concurrent.futures.Future:
-        """Run ``coro`` on the loop; shutdown() cancels it if it is still running."""
+        """Run ``coro`` on the loop, unless the driver is shut down."""
         with self._lock:
             if self._stopping:
                 coro.close()
                 raise CommError(CommError.CLOSED, "grpc driver is shut down")
-            fut = lt.submit(coro)
-            self._pending.add(fut)
-        fut.add_done_callback(self._forget)
-        return fut
-
-    def _forget(self, fut: concurrent.futures.Future) -> None:
-        with self._lock:
-            self._pending.discard(fut)
+            return lt.submit(coro)
 
     @staticmethod
     def _wait(fut: concurrent.futures.Future, timeout: float | None = None) -> Any:
@@ -239,6 +231,9 @@ class GrpcDriver(Driver):
         ok = False
         try:
             while True:
+                if self._stopping:
+                    error = "the driver is shut down"
+                    break
                 state = channel.get_state(try_to_connect=True)
                 if state == grpc.ChannelConnectivity.READY:
                     break
@@ -275,10 +270,10 @@ class GrpcDriver(Driver):
     def shutdown(self) -> None:
         with self._lock:
             self._stopping = True
-            pending = list(self._pending)
         self._stop_listen.set()
-        for fut in pending:
-            fut.cancel()
+        # Pending opens and server starts are not cancelled: they watch _stopping and end by
+        # themselves, closing what they made. Cancelling their futures could drop a channel
+        # or a started server already on its way back, and leak it.
         super().shutdown()
 
 
