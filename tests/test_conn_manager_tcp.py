@@ -629,3 +629,31 @@ def test_a_slow_large_frame_is_not_taken_for_a_dead_peer(managers) -> None:
             peer.send(frame[i : i + len(frame) // 12])
             time.sleep(0.1)
         assert got.wait_for(1)[0][3] == payload
+
+
+def test_stop_does_not_wait_for_a_hanging_connect(managers) -> None:
+    import socket as _socket
+
+    ls = _socket.socket()  # a listener whose accept queue is full: further SYNs are dropped
+    ls.bind(("127.0.0.1", 0))
+    ls.listen(0)
+    fill = []
+    try:
+        for _ in range(4):
+            s = _socket.socket()
+            s.setblocking(False)
+            s.connect_ex(ls.getsockname())
+            fill.append(s)
+        time.sleep(0.1)
+        client = managers("site-1")
+        client.add_connector(f"tcp://127.0.0.1:{ls.getsockname()[1]}?connect_timeout=8", {}, Mode.ACTIVE)
+        client.start()
+        time.sleep(0.3)  # the connect is now hanging
+        t0 = time.monotonic()
+        client.stop()
+        assert time.monotonic() - t0 < 2.0
+        assert not [t for t in threading.enumerate() if t.name.startswith("sfm-active")]
+    finally:
+        for s in fill:
+            s.close()
+        ls.close()
