@@ -55,6 +55,20 @@ def connect_host(host: str | None) -> str:
     return host
 
 
+def listening_url(scheme: str, host: str | None, port: int) -> str:
+    """The URL a listener reports once bound: for all interfaces (host ``0``), loopback."""
+    return format_url(scheme, connect_host(host), port)
+
+
+def connect_address(params: dict, driver: str) -> tuple[str, int]:
+    """``(host, port)`` an active connector connects to; ``CommError(BAD_CONFIG)`` without a port."""
+    from .params import get_param
+
+    if "port" not in params:
+        raise CommError(CommError.BAD_CONFIG, f"{driver}: no port to connect to in {params.get('url') or params}")
+    return connect_host(params.get("host")), get_param(params, "port", int, 0, driver=driver, minimum=1)
+
+
 def format_url(scheme: str, host: str, port: int, path: str = "") -> str:
     """Build ``scheme://host:port[path]``, bracketing IPv6 hosts."""
     if ":" in host and not host.startswith("["):

@@ -22,7 +22,7 @@ from sfm_core import CommError, ConnectorInfo, Driver
 from sfm_core.aio import LoopThread, acquire_loop, release_loop
 from sfm_core.frames import MAX_FRAME_SIZE
 from sfm_core.params import get_param
-from sfm_core.url import bind_host, connect_host, format_url
+from sfm_core.url import bind_host, connect_address, listening_url
 
 from . import wire
 from .connection import BATCH_EXTENSION, GrpcConnection
@@ -140,10 +140,7 @@ class GrpcDriver(Driver):
         try:
             server, actual = self._wait(self._submit(lt, self._start_server(lt, connector, host, port, kwargs)), 30)
             try:
-                url_host = params.get("host") if host else "127.0.0.1"
-                if url_host in (None, "0", "0.0.0.0"):
-                    url_host = "127.0.0.1"
-                connector.listening(format_url(params.get("scheme", "grpc"), url_host, actual))
+                connector.listening(listening_url(params.get("scheme", "grpc"), params.get("host"), actual))
                 log.info("grpc: listening on %s:%d", host or "*", actual)
                 self._stop_listen.wait()
             finally:
@@ -196,10 +193,7 @@ class GrpcDriver(Driver):
 
     def connect(self, connector: ConnectorInfo) -> None:
         params = connector.params
-        if "port" not in params:
-            raise CommError(CommError.BAD_CONFIG, f"grpc: no port to connect to in {params.get('url') or params}")
-        host = connect_host(params.get("host"))
-        port = _param(params, "port", int, 0)
+        host, port = connect_address(params, "grpc")
         timeout = _param(params, "connect_timeout", float, DEFAULT_CONNECT_TIMEOUT)
         kwargs = _conn_kwargs(params)
         target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

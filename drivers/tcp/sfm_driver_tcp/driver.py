@@ -15,7 +15,7 @@ from typing import Any
 from sfm_core import CommError, ConnectorInfo, Driver
 from sfm_core.frames import MAX_FRAME_SIZE, PREFIX_LEN
 from sfm_core.params import get_param
-from sfm_core.url import bind_host, connect_host, format_url
+from sfm_core.url import bind_host, connect_host, listening_url
 
 from .connection import TcpConnection, _fmt
 from .reactor import Reactor
@@ -183,11 +183,8 @@ class TcpDriver(Driver):
             self._forget_reactor(reactor)
             raise
         try:
-            url_host = params.host if host else "127.0.0.1"
-            if url_host in (None, "0", "0.0.0.0"):
-                url_host = "127.0.0.1"
             actual = sock.getsockname()
-            connector.listening(format_url(params.scheme, url_host, actual[1]))
+            connector.listening(listening_url(params.scheme, params.host, actual[1]))
             log.info("tcp: listening on %s", _fmt(actual))
             reactor.serve(threads=params.io_threads)
         finally:

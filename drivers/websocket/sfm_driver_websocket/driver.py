@@ -24,7 +24,7 @@ from sfm_core import CommError, ConnectorInfo, Driver
 from sfm_core.aio import LoopThread, acquire_loop, release_loop
 from sfm_core.frames import MAX_FRAME_SIZE
 from sfm_core.params import get_param
-from sfm_core.url import bind_host, connect_host, format_url
+from sfm_core.url import bind_host, connect_address, listening_url
 
 from .connection import WebSocketConnection, fmt_addr
 
@@ -75,12 +75,6 @@ class WebSocketDriver(Driver):
             "io": "websockets sans-I/O protocol on the shared asyncio loop (sfm_core.aio)",
             "path": DEFAULT_PATH,
         }
-
-    @classmethod
-    def get_urls(cls, scheme: str, resources: dict) -> tuple[str, str]:
-        host = str(resources.get("host") or "localhost")
-        port = int(resources.get("port") or 0)
-        return format_url(scheme, host, port), format_url(scheme, "0", port)
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -135,10 +129,7 @@ class WebSocketDriver(Driver):
                 self._servers.append(server)
             try:
                 actual = server.sockets[0].getsockname()
-                url_host = params.get("host") if host else "127.0.0.1"
-                if url_host in (None, "0", "0.0.0.0"):
-                    url_host = "127.0.0.1"
-                connector.listening(format_url(params.get("scheme", "ws"), url_host, actual[1]))
+                connector.listening(listening_url(params.get("scheme", "ws"), params.get("host"), actual[1]))
                 log.info("websocket: listening on %s%s", fmt_addr(actual), opts["path"])
                 self._stopping.wait()
             finally:
@@ -168,10 +159,7 @@ class WebSocketDriver(Driver):
 
     def connect(self, connector: ConnectorInfo) -> None:
         params = connector.params
-        if "port" not in params:
-            raise CommError(CommError.BAD_CONFIG, f"websocket: no port to connect to in {params.get('url') or params}")
-        host = connect_host(params.get("host"))
-        port = _param(params, "port", int, 0)
+        host, port = connect_address(params, "websocket")
         timeout = _param(params, "connect_timeout", float, DEFAULT_CONNECT_TIMEOUT)
         opts = self._options(params)
         if self._stopping.is_set():
