@@ -577,8 +577,20 @@ class ConnManager(ConnMonitor):
             changed = sfm_ep.endpoint.state != EndpointState.READY
             sfm_ep.endpoint.state = EndpointState.READY
             self._ready.notify_all()
+        now = time.monotonic()
         for old in replaced:
-            log.info("%s: %s replaced by a newer connection from %s", self.local_endpoint.name, old.name, name)
+            if now - old.last_activity < self.heartbeat_check:
+                # Not a stale half-open connection: two live ones claim the same name (two
+                # connectors of one endpoint to us, or two processes with one name).
+                log.warning(
+                    "%s: a second live connection claims endpoint %r; closing the older %s, as NVFlare does "
+                    "(one connection per endpoint: two connectors from one endpoint to one peer replace each other)",
+                    self.local_endpoint.name,
+                    name,
+                    old.name,
+                )
+            else:
+                log.info("%s: %s replaced by a newer connection from %s", self.local_endpoint.name, old.name, name)
             old.close()
         if changed:
             with self._notify_lock:
