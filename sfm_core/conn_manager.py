@@ -19,6 +19,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import msgpack
+
 from . import frames as fr
 from .delivery import Dispatcher, Lane
 from .driver import Connection, ConnectorInfo, ConnMonitor, ConnState, Driver, FrameReceiver, Mode
@@ -101,11 +103,13 @@ class SfmConnection:
         stream_id: int,
         headers: dict | None,
         payload: Payload | None,
-    ) -> None:
+        wait: bool = True,
+    ) -> bool:
         """Send one frame as ``[head, *payload]``: the payload is never copied.
 
         This is the send hot path: the head is packed with one struct call under the lock that
-        also orders frames on the wire and numbers them.
+        also orders frames on the wire and numbers them. With ``wait=False`` nothing is sent
+        (and False returned) when another send holds the connection.
         """
         if headers:
             hb = fr.encode_headers(headers)
@@ -122,34 +126,26 @@ class SfmConnection:
             size = fr.payload_length(bufs)
         length = fr.PREFIX_LEN + len(hb) + size
         if length > self.max_frame_size:
-            raise CommError(
-                CommError.BAD_DATA,
-                f"frame of {length} bytes exceeds the maximum frame size of {self.max_frame_size} bytes",
-            )
-        pack = fr.PREFIX.pack
-        with self._send_lock:
-            self._seq = seq = (self._seq + 1) & 0xFFFF
-            head = pack(length, len(hb), frame_type, 0, 0, app_id, stream_id, seq)
-            try:
-                self.conn.send_frame([head + hb if hb else head, *bufs])
-            except CommError:
-                raise
-            except Exception as e:
-                raise CommError(CommError.ERROR, f"send on {self.conn.name} failed: {type(e).__name__}: {e}") from e
-
-    def send_ping(self) -> bool:
-        """Send a PING unless a send is in progress (which shows we are not idle); True if sent."""
-        if not self._send_lock.acquire(blocking=False):
+            fr.check_prefix(length, len(hb), self.max_frame_size)
+        if not self._send_lock.acquire(wait):
             return False
         try:
             self._seq = seq = (self._seq + 1) & 0xFFFF
-            sfm_ep = self.sfm_endpoint
-            stream_id = sfm_ep.next_stream_id() if sfm_ep is not None else 1
-            head = fr.PREFIX.pack(fr.PREFIX_LEN + 1, 0, FrameType.PING, 0, 0, 0, stream_id, seq)
-            self.conn.send_frame([head, _PING_PAYLOAD])
-            return True
+            head = fr.PREFIX.pack(length, len(hb), frame_type, 0, 0, app_id, stream_id, seq)
+            self.conn.send_frame([head + hb if hb else head, *bufs])
+        except CommError:
+            raise
+        except Exception as e:
+            raise CommError(CommError.ERROR, f"send on {self.conn.name} failed: {type(e).__name__}: {e}") from e
         finally:
             self._send_lock.release()
+        return True
+
+    def send_ping(self) -> bool:
+        """Send a PING unless a send is in progress (which shows we are not idle); True if sent."""
+        sfm_ep = self.sfm_endpoint
+        stream_id = sfm_ep.next_stream_id() if sfm_ep is not None else 1
+        return self.send_frame(FrameType.PING, 0, stream_id, None, _PING_PAYLOAD, wait=False)
 
     def send_handshake(self, frame_type: int, extensions: Any = ()) -> None:
         ep = self.local_endpoint
@@ -712,8 +708,6 @@ class ConnManager(ConnMonitor):
         """Decode the msgpack map in a frame's payload (handshake); ``prefix`` has ``header_len``."""
         data = memoryview(frame if not isinstance(frame, list) else b"".join(frame))
         start = fr.PREFIX_LEN + int(prefix.header_len)
-        import msgpack
-
         value = msgpack.unpackb(data[start:])
         if not isinstance(value, dict):
             raise CommError(CommError.BAD_DATA, f"payload is not a map: {type(value).__name__}")

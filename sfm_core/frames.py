@@ -25,8 +25,6 @@ Payload = Union[bytes, bytearray, memoryview, Sequence[bytes | bytearray | memor
 PREFIX = struct.Struct(">IHBBHHHH")
 PREFIX_LEN = PREFIX.size  # 16
 _LEN_AND_HEADER_LEN = struct.Struct(">IH")
-_SEQUENCE = struct.Struct(">H")
-SEQUENCE_OFFSET = 14
 
 #: The original protocol's frame limit: 2 GiB - 2 MiB.
 MAX_FRAME_SIZE = 2 * 1024**3 - 2 * 1024**2
@@ -92,36 +90,6 @@ def _as_bytes_view(buf: Buffer) -> Buffer:
     return buf
 
 
-def encode_head(
-    frame_type: int,
-    app_id: int,
-    stream_id: int,
-    headers: dict | None,
-    payload_len: int,
-    *,
-    flags: int = 0,
-    sequence: int = 0,
-    max_frame_size: int = MAX_FRAME_SIZE,
-) -> bytearray:
-    """Encode prefix and headers of a frame whose payload has ``payload_len`` bytes.
-
-    The payload itself is not touched: send ``[head, *payload_buffers]``. The result is a
-    bytearray so the sender can stamp the sequence number in at send time
-    (:func:`stamp_sequence`), under the same lock that orders the frames on the wire.
-    """
-    encoded = encode_headers(headers) if headers else b""
-    header_len = len(encoded)
-    length = PREFIX_LEN + header_len + payload_len
-    if length > max_frame_size:
-        raise CommError(
-            CommError.BAD_DATA, f"frame of {length} bytes exceeds the maximum frame size of {max_frame_size} bytes"
-        )
-    head = bytearray(PREFIX_LEN + header_len)
-    PREFIX.pack_into(head, 0, length, header_len, frame_type, 0, flags, app_id, stream_id & 0xFFFF, sequence)
-    head[PREFIX_LEN:] = encoded
-    return head
-
-
 def encode_headers(headers: dict) -> bytes:
     """msgpack-encode a header map; ``CommError(BAD_DATA)`` if it cannot be or is too large."""
     try:
@@ -136,11 +104,6 @@ def encode_headers(headers: dict) -> bytes:
     return encoded
 
 
-def stamp_sequence(head: bytearray, sequence: int) -> None:
-    """Write the per-connection sequence number into an encoded head."""
-    _SEQUENCE.pack_into(head, SEQUENCE_OFFSET, sequence & 0xFFFF)
-
-
 def encode_frame(
     frame_type: int,
     app_id: int = 0,
@@ -152,19 +115,17 @@ def encode_frame(
     sequence: int = 0,
     max_frame_size: int = MAX_FRAME_SIZE,
 ) -> list:
-    """Encode a whole frame as a list of buffers: ``[head, *payload_buffers]``."""
+    """Encode a whole frame as a list of buffers: ``[head, *payload_buffers]``.
+
+    The head is the prefix and the msgpack headers; the payload buffers are not touched.
+    """
     bufs = payload_buffers(payload)
-    head = encode_head(
-        frame_type,
-        app_id,
-        stream_id,
-        headers,
-        payload_length(bufs),
-        flags=flags,
-        sequence=sequence,
-        max_frame_size=max_frame_size,
-    )
-    return [head, *bufs]
+    encoded = encode_headers(headers) if headers else b""
+    length = PREFIX_LEN + len(encoded) + payload_length(bufs)
+    if length > max_frame_size:
+        check_prefix(length, len(encoded), max_frame_size)
+    head = PREFIX.pack(length, len(encoded), frame_type, 0, flags, app_id, stream_id & 0xFFFF, sequence & 0xFFFF)
+    return [head + encoded, *bufs]
 
 
 def check_prefix(length: int, header_len: int, max_frame_size: int) -> None:

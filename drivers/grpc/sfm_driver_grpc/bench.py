@@ -240,11 +240,16 @@ async def _client_scale(target: str, streams: int, pings: int, timeout: float) -
             rate = streams * pings / (time.perf_counter() - t1)
         return {"ready": ready, "seconds": established, "echo_msgs_per_s": rate}
     finally:
-        for call in calls:
-            call.cancel()
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*(ch.close() for ch in channels), return_exceptions=True)
+        await _close_clients(calls, tasks, channels)
+
+
+async def _close_clients(calls: list, tasks: list, channels: list) -> None:
+    """Cancel the light clients' calls and tasks and close their channels."""
+    for call in calls:
+        call.cancel()
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*(ch.close() for ch in channels), return_exceptions=True)
 
 
 async def _client_fanin(url: str, count: int, timeout: float) -> dict:
@@ -279,11 +284,7 @@ async def _client_fanin(url: str, count: int, timeout: float) -> dict:
         ready = sum(1 for t in done if t.exception() is None)
         return {"ready": ready, "seconds": time.perf_counter() - t0}
     finally:
-        for call in calls:
-            call.cancel()
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*(ch.close() for ch in channels), return_exceptions=True)
+        await _close_clients(calls, tasks, channels)
 
 
 # -- the baseline object ----------------------------------------------------------------

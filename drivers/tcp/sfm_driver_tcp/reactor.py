@@ -91,10 +91,6 @@ class Reactor:
             if not self._closed:  # never write to a descriptor number that may be reused
                 os.eventfd_write(self._wake_fd, 1)
 
-    @property
-    def size(self) -> int:
-        return len(self._handlers)
-
     def serve(self, threads: int = 1, stop_when_empty: bool = False) -> None:
         """Serve events on this thread and ``threads - 1`` more until :meth:`stop`.
 
