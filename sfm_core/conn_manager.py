@@ -87,7 +87,8 @@ class SfmConnection:
         #: Set once the core decided to close this connection (bad data, timeout, ...).
         self.closing = False
         self._seq = 0
-        self._send_lock = threading.Lock()
+        # Reentrant: the handshake holds it across recording the endpoint and sending READY.
+        self._send_lock = threading.RLock()
 
     @property
     def name(self) -> str:
@@ -538,11 +539,26 @@ class ConnManager(ConnMonitor):
             raise CommError(CommError.BAD_DATA, f"got {FrameType(frame.type).name} where {expected.name} was expected")
         hello = parse_handshake(frame.payload, self.local_endpoint.name)
         agreed = negotiate(sfm_conn.conn.offered_extensions(), hello.extensions)
-        if frame.type == FrameType.HELLO:
-            # READY names only what the peer offered too: a plain peer sees no sfm_ext at all.
-            sfm_conn.send_handshake(FrameType.READY, agreed)
-        sfm_conn.conn.extensions = agreed
-        self.update_endpoint(sfm_conn, {"endpoint_name": hello.name, **hello.properties})
+        data = {"endpoint_name": hello.name, **hello.properties}
+        if frame.type == FrameType.READY:
+            sfm_conn.conn.extensions = agreed
+            self.update_endpoint(sfm_conn, data)
+            return
+        # Record the endpoint before READY goes out, so a peer that has READY is known here
+        # (and of two connections claiming one name, the one answered last is kept). The send
+        # lock is held throughout: a message sent to the endpoint the moment it is known
+        # still goes out after READY.
+        registered = None
+        try:
+            with sfm_conn._send_lock:
+                sfm_conn.conn.extensions = agreed
+                registered = self._register_endpoint(sfm_conn, data)
+                if registered is not None:
+                    # READY names only what the peer offered: a plain peer sees no sfm_ext at all.
+                    sfm_conn.send_handshake(FrameType.READY, agreed)
+        finally:
+            if registered is not None:  # even if READY failed: the bookkeeping has changed
+                self._settle_endpoint(sfm_conn, *registered)
 
     def update_endpoint(self, sfm_conn: SfmConnection, data: dict) -> None:
         """Record the peer named in a handshake map on this connection; the endpoint is READY.
@@ -551,6 +567,14 @@ class ConnManager(ConnMonitor):
         older connections (typically half-open ones of a client that reconnected): they are
         closed, and the endpoint stays READY throughout.
         """
+        registered = self._register_endpoint(sfm_conn, data)
+        if registered is not None:
+            self._settle_endpoint(sfm_conn, *registered)
+
+    def _register_endpoint(
+        self, sfm_conn: SfmConnection, data: dict
+    ) -> tuple[SfmEndpoint, list[SfmConnection], bool] | None:
+        """Make ``sfm_conn`` the endpoint's connection; returns what ``_settle_endpoint`` needs."""
         name = data.get("endpoint_name")
         if not name:
             raise CommError(CommError.BAD_DATA, "handshake has no endpoint_name")
@@ -558,7 +582,7 @@ class ConnManager(ConnMonitor):
         conn_props = sfm_conn.conn.get_conn_properties()
         with self._lock:
             if sfm_conn.name not in self.sfm_conns:
-                return  # closed while the handshake was queued
+                return None  # closed while the handshake was queued
             sfm_ep = self.sfm_endpoints.get(name)
             replaced: list[SfmConnection] = []
             if sfm_ep is None:
@@ -573,6 +597,13 @@ class ConnManager(ConnMonitor):
             changed = sfm_ep.endpoint.state != EndpointState.READY
             sfm_ep.endpoint.state = EndpointState.READY
             self._ready.notify_all()
+        return sfm_ep, replaced, changed
+
+    def _settle_endpoint(
+        self, sfm_conn: SfmConnection, sfm_ep: SfmEndpoint, replaced: list[SfmConnection], changed: bool
+    ) -> None:
+        """Close the connections ``sfm_conn`` replaced and tell monitors the endpoint is READY."""
+        name = sfm_ep.endpoint.name
         now = time.monotonic()
         for old in replaced:
             if now - old.last_activity < self.heartbeat_check:

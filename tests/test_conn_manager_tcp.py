@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 
@@ -568,6 +569,54 @@ def test_a_second_connection_with_the_same_name_replaces_the_first(managers) -> 
         )
     wait_until(lambda: server.find_endpoint("site-9") is None, what="gone")
     assert log.events == [("site-9", EndpointState.READY), ("site-9", EndpointState.DISCONNECTED)]
+
+
+def test_a_peer_that_has_ready_is_already_known(managers) -> None:
+    # READY used to go out before the endpoint was recorded: a peer (or a second connection
+    # with its name) acting at once raced the server's bookkeeping.
+    server = managers("server")
+    url = listen(server)
+    for i in range(30):
+        with RawPeer(url) as peer:
+            peer.hello(f"site-{i}")
+            peer.read_frame()
+            assert server.find_endpoint(f"site-{i}") is not None, f"site-{i} has READY but is unknown"
+
+
+def test_a_message_sent_the_moment_a_peer_is_known_follows_ready(managers) -> None:
+    server = managers("server")
+    url = listen(server)
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # let the eager sender into any gap between record and READY
+    try:
+        _eager_senders(server, url)
+    finally:
+        sys.setswitchinterval(switch)
+
+
+def _eager_senders(server: ConnManager, url: str) -> None:
+    for i in range(50):
+        name = f"eager-{i}"
+        stop = threading.Event()
+
+        def send_when_known(name: str = name, stop: threading.Event = stop) -> None:
+            while not stop.is_set():
+                ep = server.find_endpoint(name)
+                if ep is not None:
+                    server.send_message(ep, 7, None, b"first")
+                    return
+
+        sender = threading.Thread(target=send_when_known)
+        sender.start()
+        try:
+            with RawPeer(url) as peer:
+                peer.hello(name)
+                # Generous timeouts: with a tiny switch interval, a busy machine crawls.
+                assert peer.read_frame(timeout=20).type == FrameType.READY
+                assert peer.read_frame(timeout=20).payload == b"first"
+        finally:
+            stop.set()
+            sender.join(5)
 
 
 def test_non_byte_memoryview_payloads_are_sent_whole(managers) -> None:

@@ -620,9 +620,13 @@ def test_pause_asked_while_taking_early_frames_is_kept(managers):
         wait_until(lambda: client.sfm_conns, what="connection")
         [sc] = list(client.sfm_conns.values())
         wait_until(lambda: not sc.conn.transport.is_reading(), 2.0, what="reading paused")
+        queued = sc.lane.queued
         time.sleep(0.3)
         assert not sc.conn.transport.is_reading()
-        assert sc.lane.queued < 5000
+        # The lane may overshoot its limit by what one read brought in (a busy machine lets
+        # more pile up in the socket first), but it must stop growing while the server goes on.
+        assert sc.lane.queued == queued
+        assert queued < 256 * 1024 // len(data) + 400
     finally:
         col.gate.set()
         fake.close()

@@ -1,0 +1,69 @@
+"""The passive handshake's ordering guarantees, checked deterministically on an in-memory connection."""
+
+from __future__ import annotations
+
+import threading
+
+from sfm_core import CommError, Connection, ConnManager, Endpoint, FrameType
+from sfm_core.driver import ConnState
+from sfm_core.frames import decode_frame, encode_frame
+from sfm_core.handshake import build_handshake
+
+
+class RecordingConnection(Connection):
+    """Keeps what is sent; when READY goes out, first lets ``on_ready`` race it."""
+
+    inline_delivery = True
+
+    def __init__(self) -> None:
+        super().__init__(None)
+        self.sent: list[int] = []
+        self.on_ready = lambda: None
+
+    def get_conn_properties(self) -> dict:
+        return {}
+
+    def close(self) -> None:
+        self.state = ConnState.CLOSED
+
+    def send_frame(self, frame) -> None:
+        ftype = decode_frame(b"".join(frame)).type
+        if ftype == FrameType.READY:
+            self.on_ready()
+        self.sent.append(ftype)
+
+
+def test_the_endpoint_is_known_before_ready_and_nothing_overtakes_ready() -> None:
+    manager = ConnManager(Endpoint("server"))
+    conn = RecordingConnection()
+    seen: dict = {}
+
+    def race_ready() -> None:
+        # The endpoint must already be known here; a message sent to it from another thread
+        # right now has to wait for READY to be on the wire.
+        seen["known"] = manager.find_endpoint("site-1") is not None
+
+        def send() -> None:
+            try:
+                manager.send_message(manager.find_endpoint("site-1"), 1, None, b"eager")
+            except CommError as e:
+                seen["error"] = e
+
+        racer = threading.Thread(target=send)
+        racer.start()
+        racer.join(0.3)
+        seen["racer_done_before_ready"] = not racer.is_alive()
+        seen["racer"] = racer
+
+    conn.on_ready = race_ready
+    try:
+        conn.state = ConnState.CONNECTED
+        manager.state_change(conn)
+        conn.process_frame(b"".join(encode_frame(FrameType.HELLO, 0, 1, None, build_handshake("site-1", {}))))
+        seen["racer"].join(5)
+        assert seen["known"], "READY went out before the endpoint was recorded"
+        assert not seen["racer_done_before_ready"], "a DATA send did not wait for READY"
+        assert "error" not in seen
+        assert conn.sent == [FrameType.READY, FrameType.DATA]
+    finally:
+        manager.stop()
