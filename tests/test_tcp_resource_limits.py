@@ -1,0 +1,79 @@
+"""A TCP listener out of file descriptors: it says so, keeps its peers, and recovers."""
+
+from __future__ import annotations
+
+import resource
+import signal
+import subprocess
+import sys
+
+import pytest
+from helpers import RawPeer
+
+from sfm_core import FrameType
+
+FD_LIMIT = 24  # the server process's soft RLIMIT_NOFILE: a handful of connections fit
+
+
+def _low_fd_limit() -> None:
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (FD_LIMIT, hard))
+
+
+@pytest.fixture
+def starved_server():
+    """``sfm serve`` in a process that can open only FD_LIMIT files; yields (proc, url)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sfm_core.cli", "serve", "tcp://127.0.0.1:0", "--name", "starved"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_low_fd_limit,
+    )
+    try:
+        first = proc.stdout.readline()
+        assert "listening on" in first, first + proc.stderr.read()
+        yield proc, first.rsplit(" ", 1)[1].strip()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+def _answered(peer: RawPeer, timeout: float) -> bool:
+    try:
+        return peer.read_frame(timeout).type == FrameType.READY
+    except TimeoutError:
+        return False
+
+
+def test_a_listener_out_of_descriptors_keeps_its_peers_and_recovers(starved_server) -> None:
+    proc, url = starved_server
+    peers = [RawPeer(url) for _ in range(FD_LIMIT + 6)]  # the kernel queues what it can't accept
+    try:
+        for i, peer in enumerate(peers):
+            peer.hello(f"site-{i}")
+        answered = [p for p in peers if _answered(p, 2.0 if p is peers[0] else 0.3)]
+        waiting = [p for p in peers if p not in answered]
+        assert answered and waiting, f"{len(answered)} of {len(peers)} answered under a limit of {FD_LIMIT} files"
+        # The served peers are unaffected: they still get answers (a PING gets its PONG).
+        answered[0].send_frame(FrameType.PING, payload=b"\xc0")  # msgpack nil, as NVFlare sends
+        assert answered[0].read_frame(5).type == FrameType.PONG
+        # Freeing descriptors lets the listener accept the queued peers: nobody is lost.
+        for peer in answered:
+            peer.close()
+        assert all(_answered(p, 10.0) for p in waiting)
+        assert proc.poll() is None
+    finally:
+        for peer in peers:
+            peer.close()
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(10)
+    err = proc.stderr.read()
+    assert "accept failed" in err and "Too many open files" in err, err
+    assert err.count("accept failed") <= 3, "the warning is rate-limited, not one per retry"
