@@ -322,7 +322,8 @@ def test_a_malformed_frame_closes_only_that_connection(managers, bad: bytes, wha
         assert peer.is_closed_by_peer(), what
     client.send_message(to_server, 1, None, b"unaffected")  # the good connection keeps working
     assert got.wait_for(1)[0][3] == b"unaffected"
-    assert server.find_endpoint("vandal") is None
+    # The peer may see the close before the pool thread has released the connection.
+    wait_until(lambda: server.find_endpoint("vandal") is None, what="vandal forgotten")
 
 
 @pytest.mark.parametrize(

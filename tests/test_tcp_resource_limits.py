@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import resource
 import signal
 import subprocess
 import sys
@@ -15,20 +14,24 @@ from sfm_core import FrameType
 FD_LIMIT = 24  # the server process's soft RLIMIT_NOFILE: a handful of connections fit
 
 
-def _low_fd_limit() -> None:
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (FD_LIMIT, hard))
+# The child lowers its own limit: a preexec_fn would fork this process, and gRPC's fork
+# handlers (when loaded by earlier tests) then open descriptors here.
+_SERVE_STARVED = f"""
+import resource, sys
+resource.setrlimit(resource.RLIMIT_NOFILE, ({FD_LIMIT}, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+from sfm_core.cli import main
+sys.exit(main(["serve", "tcp://127.0.0.1:0", "--name", "starved"]))
+"""
 
 
 @pytest.fixture
 def starved_server():
     """``sfm serve`` in a process that can open only FD_LIMIT files; yields (proc, url)."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sfm_core.cli", "serve", "tcp://127.0.0.1:0", "--name", "starved"],
+        [sys.executable, "-c", _SERVE_STARVED],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        preexec_fn=_low_fd_limit,
     )
     try:
         first = proc.stdout.readline()
