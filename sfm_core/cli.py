@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -327,6 +328,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         preferred = [t for t in cls.supported_transports() if t in names]
         unique.append(preferred[0] if preferred else names[0])
     plan = runner.QUICK if args.quick else runner.FULL
+    if args.repeat is not None:
+        if args.repeat < 1:
+            raise CommError(CommError.BAD_CONFIG, f"--repeat must be at least 1, not {args.repeat}")
+        plan = dataclasses.replace(plan, repeat=args.repeat)
     results = runner.run(unique, plan, runner.stderr_progress)
     _out(runner.table(results))
     if args.json:
@@ -367,7 +372,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="sfm over each driver against raw and bare-library baselines")
     p.add_argument("--schemes", nargs="+", help="schemes to measure (default: every installed one)")
-    p.add_argument("--quick", action="store_true", help="smaller counts (a minute instead of several)")
+    p.add_argument("--quick", action="store_true", help="smaller counts, one round")
+    p.add_argument(
+        "--repeat", type=int, metavar="N", help="interleaved rounds, each row their median (default 3, --quick 1)"
+    )
     p.add_argument("--json", metavar="PATH", help="also write results as JSON")
     p.set_defaults(func=cmd_bench)
     return ap

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from functools import partial
 from typing import Any
 
 from . import workloads as wl
@@ -36,11 +38,22 @@ class Plan:
     mib64_count: int
     rtt_count: int
     fanin: dict[str, int]
+    #: Rounds of the comparative workloads; each row shows the median of its rounds.
+    repeat: int = 1
 
 
-FULL = Plan(rate_count=200_000, mib1_count=400, mib64_count=8, rtt_count=5_000, fanin={"tcp": 10_000})
+FULL = Plan(rate_count=200_000, mib1_count=400, mib64_count=8, rtt_count=5_000, fanin={"tcp": 10_000}, repeat=3)
 QUICK = Plan(rate_count=20_000, mib1_count=50, mib64_count=2, rtt_count=500, fanin={"tcp": 500})
 DEFAULT_FANIN = 1_000
+
+
+@dataclass
+class Step:
+    """One measurement: ``measure()`` gives rows without ratios; ``repeat`` if it joins rounds."""
+
+    label: str
+    measure: Callable[[], list[Result]]
+    repeat: bool = True
 
 
 def _rate(elapsed: float, count: int) -> float:
@@ -61,136 +74,140 @@ def _baseline_for(scheme: str) -> Any:
         return None
 
 
+# -- the measurements: each returns its rows, named after who was measured -----------------
+
+
+def _raw_rate(plan: Plan) -> list[Result]:
+    return [Result("raw", "msg_rate", 100, _rate(wl.raw_oneway(100, plan.rate_count), plan.rate_count), "msg/s")]
+
+
+def _raw_tput(size: int, count: int) -> list[Result]:
+    return [Result("raw", "throughput", size, _mbps(wl.raw_oneway(size, count), count, size), "MB/s")]
+
+
+def _rtt_rows(name: str, r: dict) -> list[Result]:
+    return [Result(name, "rtt_p50", 100, r["p50_us"], "us"), Result(name, "rtt_p99", 100, r["p99_us"], "us")]
+
+
+def _raw_rtt(plan: Plan) -> list[Result]:
+    return _rtt_rows("raw", wl.raw_rtt(100, plan.rtt_count))
+
+
+def _base_rate(base: Any, plan: Plan) -> list[Result]:
+    return [Result(base.name, "msg_rate", 100, base.run("rate", 100, plan.rate_count)["msgs_per_s"], "msg/s")]
+
+
+def _base_tput(base: Any, size: int, count: int) -> list[Result]:
+    return [Result(base.name, "throughput", size, base.run("throughput", size, count)["mb_per_s"], "MB/s")]
+
+
+def _base_rtt(base: Any, plan: Plan) -> list[Result]:
+    return _rtt_rows(base.name, base.run("rtt", 100, plan.rtt_count))
+
+
+def _sfm_rate(scheme: str, plan: Plan) -> list[Result]:
+    elapsed = wl.sfm_oneway(scheme, 100, plan.rate_count)
+    return [Result(scheme, "msg_rate", 100, _rate(elapsed, plan.rate_count), "msg/s")]
+
+
+def _sfm_tput(scheme: str, size: int, count: int) -> list[Result]:
+    return [Result(scheme, "throughput", size, _mbps(wl.sfm_oneway(scheme, size, count), count, size), "MB/s")]
+
+
+def _sfm_rtt(scheme: str, plan: Plan) -> list[Result]:
+    return _rtt_rows(scheme, wl.sfm_rtt(scheme, 100, plan.rtt_count))
+
+
+def _sfm_fanin(scheme: str, n: int, clients: Callable) -> list[Result]:
+    r = wl.sfm_fanin(scheme, n, 60.0, clients)
+    return [
+        Result(scheme, "fanin_ready", n, r["ready"], "endpoints"),
+        Result(scheme, "fanin_seconds", n, r["seconds"], "s"),
+        Result(scheme, "fanin_rss", n, r["rss"] / MiB, "MiB"),
+        Result(scheme, "fanin_threads", n, r["threads"], "threads"),
+    ]
+
+
+def plan_steps(schemes: list[str], plan: Plan) -> tuple[list[Step], dict[str, str]]:
+    """The steps of a run, and for each scheme the name of its baseline (``raw`` if none)."""
+    steps = [
+        Step("raw sockets: 100 B message rate", partial(_raw_rate, plan)),
+        Step("raw sockets: 1 MiB throughput", partial(_raw_tput, MiB, plan.mib1_count)),
+        Step("raw sockets: 64 MiB throughput", partial(_raw_tput, 64 * MiB, plan.mib64_count)),
+        Step("raw sockets: 100 B round trip", partial(_raw_rtt, plan)),
+    ]
+    baselines: dict[str, str] = {}
+    for scheme in schemes:
+        base = _baseline_for(scheme)
+        baselines[scheme] = "raw" if base is None else base.name
+        if base is not None:
+            steps += [
+                Step(f"{base.name}: 100 B message rate", partial(_base_rate, base, plan)),
+                Step(f"{base.name}: 1 MiB throughput", partial(_base_tput, base, MiB, plan.mib1_count)),
+                Step(f"{base.name}: 64 MiB throughput", partial(_base_tput, base, 64 * MiB, plan.mib64_count)),
+                Step(f"{base.name}: 100 B round trip", partial(_base_rtt, base, plan)),
+            ]
+        steps += [
+            Step(f"sfm {scheme}: 100 B message rate", partial(_sfm_rate, scheme, plan)),
+            Step(f"sfm {scheme}: 1 MiB throughput", partial(_sfm_tput, scheme, MiB, plan.mib1_count)),
+            Step(f"sfm {scheme}: 64 MiB throughput", partial(_sfm_tput, scheme, 64 * MiB, plan.mib64_count)),
+            Step(f"sfm {scheme}: 100 B round trip", partial(_sfm_rtt, scheme, plan)),
+        ]
+        clients = wl.tcp_fanin if scheme == "tcp" else getattr(base, "fanin", None)
+        if clients is not None:
+            n = plan.fanin.get(scheme, min(DEFAULT_FANIN, plan.fanin.get("tcp", DEFAULT_FANIN)))
+            # Fan-in is a capacity check, not a ratio: once is enough (and it is the slow one).
+            steps.append(Step(f"sfm {scheme}: fan-in of {n} endpoints", partial(_sfm_fanin, scheme, n, clients), False))
+    return steps, baselines
+
+
 def run(schemes: list[str], plan: Plan, progress: Callable[[str], None]) -> list[Result]:
-    """Measure the raw baseline and sfm over each scheme; return rows with ratios."""
+    """Measure the raw baseline and sfm over each scheme; return rows with ratios.
+
+    With ``plan.repeat`` > 1 the comparative steps run in interleaved rounds (raw, baseline,
+    sfm, raw, ...), so a drift of the machine touches baseline and sfm alike, and each row
+    is the median of its rounds.
+    """
     from sfm_core import get_registry
 
     registry = get_registry()
     for scheme in schemes:
         registry.get_driver_class(scheme)  # loads the driver module, which may add a baseline hook
-    steps: list[tuple[str, Callable[[], list[Result]]]] = []
-    raw: dict[str, float] = {}
-
-    def raw_steps() -> None:
-        def rate() -> list[Result]:
-            v = _rate(wl.raw_oneway(100, plan.rate_count), plan.rate_count)
-            raw["rate"] = v
-            return [Result("raw", "msg_rate", 100, v, "msg/s")]
-
-        def tput(size: int, count: int) -> Callable[[], list[Result]]:
-            def f() -> list[Result]:
-                v = _mbps(wl.raw_oneway(size, count), count, size)
-                raw[f"tput{size}"] = v
-                return [Result("raw", "throughput", size, v, "MB/s")]
-
-            return f
-
-        def rtt() -> list[Result]:
-            r = wl.raw_rtt(100, plan.rtt_count)
-            raw["p50"], raw["p99"] = r["p50_us"], r["p99_us"]
-            return [Result("raw", "rtt_p50", 100, r["p50_us"], "us"), Result("raw", "rtt_p99", 100, r["p99_us"], "us")]
-
-        steps.append(("raw sockets: 100 B message rate", rate))
-        steps.append(("raw sockets: 1 MiB throughput", tput(MiB, plan.mib1_count)))
-        steps.append(("raw sockets: 64 MiB throughput", tput(64 * MiB, plan.mib64_count)))
-        steps.append(("raw sockets: 100 B round trip", rtt))
-
-    raw_steps()
-    for scheme in schemes:
-        base = _baseline_for(scheme)
-        base_vals: dict[str, float] = {}
-        if base is not None:
-            bname = base.name
-
-            def b_rate(base: Any = base, bname: str = bname, vals: dict = base_vals, scheme: str = scheme) -> list:
-                v = base.run("rate", 100, plan.rate_count)["msgs_per_s"]
-                vals["rate"] = v
-                return [Result(bname, "msg_rate", 100, v, "msg/s")]
-
-            def b_tput(size: int, count: int, base: Any = base, bname: str = bname, vals: dict = base_vals) -> Any:
-                def f() -> list[Result]:
-                    v = base.run("throughput", size, count)["mb_per_s"]
-                    vals[f"tput{size}"] = v
-                    return [Result(bname, "throughput", size, v, "MB/s")]
-
-                return f
-
-            def b_rtt(base: Any = base, bname: str = bname, vals: dict = base_vals) -> list:
-                r = base.run("rtt", 100, plan.rtt_count)
-                vals["p50"], vals["p99"] = r["p50_us"], r["p99_us"]
-                return [
-                    Result(bname, "rtt_p50", 100, r["p50_us"], "us"),
-                    Result(bname, "rtt_p99", 100, r["p99_us"], "us"),
-                ]
-
-            steps.append((f"{bname}: 100 B message rate", b_rate))
-            steps.append((f"{bname}: 1 MiB throughput", b_tput(MiB, plan.mib1_count)))
-            steps.append((f"{bname}: 64 MiB throughput", b_tput(64 * MiB, plan.mib64_count)))
-            steps.append((f"{bname}: 100 B round trip", b_rtt))
-
-        def ref(key: str, vals: dict = base_vals, base: Any = base) -> tuple[float | None, str]:
-            if key in vals:
-                return vals[key], base.name
-            return raw.get(key), "raw"
-
-        def s_rate(scheme: str = scheme, ref: Callable = ref) -> list[Result]:
-            v = _rate(wl.sfm_oneway(scheme, 100, plan.rate_count), plan.rate_count)
-            return [_with_ratio(Result(scheme, "msg_rate", 100, v, "msg/s"), *ref("rate"))]
-
-        def s_tput(size: int, count: int, scheme: str = scheme, ref: Callable = ref) -> Callable[[], list[Result]]:
-            def f() -> list[Result]:
-                v = _mbps(wl.sfm_oneway(scheme, size, count), count, size)
-                return [_with_ratio(Result(scheme, "throughput", size, v, "MB/s"), *ref(f"tput{size}"))]
-
-            return f
-
-        def s_rtt(scheme: str = scheme, ref: Callable = ref) -> list[Result]:
-            r = wl.sfm_rtt(scheme, 100, plan.rtt_count)
-            return [
-                _with_ratio(Result(scheme, "rtt_p50", 100, r["p50_us"], "us"), *ref("p50")),
-                _with_ratio(Result(scheme, "rtt_p99", 100, r["p99_us"], "us"), *ref("p99")),
-            ]
-
-        steps.append((f"sfm {scheme}: 100 B message rate", s_rate))
-        steps.append((f"sfm {scheme}: 1 MiB throughput", s_tput(MiB, plan.mib1_count)))
-        steps.append((f"sfm {scheme}: 64 MiB throughput", s_tput(64 * MiB, plan.mib64_count)))
-        steps.append((f"sfm {scheme}: 100 B round trip", s_rtt))
-
-        clients = wl.tcp_fanin if scheme == "tcp" else getattr(base, "fanin", None)
-        if clients is not None:
-            n = plan.fanin.get(scheme, min(DEFAULT_FANIN, plan.fanin.get("tcp", DEFAULT_FANIN)))
-
-            def s_fanin(scheme: str = scheme, n: int = n, clients: Callable = clients) -> list[Result]:
-                r = wl.sfm_fanin(scheme, n, 60.0, clients)
-                return [
-                    Result(scheme, "fanin_ready", n, r["ready"], "endpoints"),
-                    Result(scheme, "fanin_seconds", n, r["seconds"], "s"),
-                    Result(scheme, "fanin_rss", n, r["rss"] / MiB, "MiB"),
-                    Result(scheme, "fanin_threads", n, r["threads"], "threads"),
-                ]
-
-            steps.append((f"sfm {scheme}: fan-in of {n} endpoints", s_fanin))
-
-    results: list[Result] = []
-    for i, (label, step) in enumerate(steps, 1):
-        progress(f"[{i}/{len(steps)}] {label} ...")
+    steps, baselines = plan_steps(schemes, plan)
+    samples: list[list[list[Result]]] = [[] for _ in steps]
+    todo = [(r, i) for r in range(plan.repeat) for i, step in enumerate(steps) if r == 0 or step.repeat]
+    for n, (rnd, i) in enumerate(todo, 1):
+        label = steps[i].label + (f" (round {rnd + 1}/{plan.repeat})" if plan.repeat > 1 and steps[i].repeat else "")
+        progress(f"[{n}/{len(todo)}] {label} ...")
         t0 = time.perf_counter()
         try:
-            rows = step()
+            rows = steps[i].measure()
         except Exception as e:
-            progress(f"[{i}/{len(steps)}] {label}: FAILED: {type(e).__name__}: {e}")
+            progress(f"[{n}/{len(todo)}] {label}: FAILED: {type(e).__name__}: {e}")
             continue
-        results.extend(rows)
-        progress(f"[{i}/{len(steps)}] {label}: {_brief(rows)} ({time.perf_counter() - t0:.1f} s)")
+        samples[i].append(rows)
+        progress(f"[{n}/{len(todo)}] {label}: {_brief(rows)} ({time.perf_counter() - t0:.1f} s)")
+    results = [row for rounds in samples if rounds for row in median_rows(rounds)]
+    return add_ratios(results, baselines)
+
+
+def median_rows(rounds: list[list[Result]]) -> list[Result]:
+    """Row by row, the median value of the rounds of one step."""
+    return [replace(rows[0], value=statistics.median(r.value for r in rows)) for rows in zip(*rounds, strict=True)]
+
+
+def add_ratios(results: list[Result], baselines: dict[str, str]) -> list[Result]:
+    """Give each scheme's row the value of its baseline's matching row (its own, else raw)."""
+    index = {(r.scheme, r.workload, r.size): r.value for r in results}
+    for r in results:
+        if r.scheme not in baselines:
+            continue  # a baseline row itself
+        for name in dict.fromkeys((baselines[r.scheme], "raw")):
+            value = index.get((name, r.workload, r.size))
+            if value:
+                r.baseline, r.baseline_name, r.ratio = value, name, r.value / value
+                break
     return results
-
-
-def _with_ratio(result: Result, baseline: float | None, name: str) -> Result:
-    if baseline:
-        result.baseline = baseline
-        result.ratio = result.value / baseline
-        result.baseline_name = name
-    return result
 
 
 def _brief(rows: list[Result]) -> str:
