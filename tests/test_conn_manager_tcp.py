@@ -634,12 +634,37 @@ def test_non_byte_memoryview_payloads_are_sent_whole(managers) -> None:
     assert msgs[1][3] == ints[:10].tobytes() + b"!"
 
 
-def test_bad_driver_params_are_reported_by_name(managers) -> None:
+@pytest.mark.parametrize(
+    ("query", "error"),
+    [
+        ("send_timeout=soon", "send_timeout='soon' is not a float"),
+        ("gather_us=-5", "gather_us"),
+        ("io_threads=0", "io_threads"),
+    ],
+)
+def test_bad_driver_params_are_reported_by_name(managers, query: str, error: str) -> None:
     m = managers("server")
-    handle = m.add_connector("tcp://127.0.0.1:0?send_timeout=soon", {}, Mode.PASSIVE)
+    handle = m.add_connector(f"tcp://127.0.0.1:0?{query}", {}, Mode.PASSIVE)
     m.start()
-    with pytest.raises(CommError, match="send_timeout='soon' is not a float"):
+    with pytest.raises(CommError, match=error):
         m.wait_listening(handle, 5)
+
+
+@pytest.mark.parametrize("gather_us", [0, 50, 2000])
+def test_a_stream_arrives_whole_and_in_order_whatever_the_gather_wait(managers, gather_us: int) -> None:
+    server = managers("server")
+    got = Collector()
+    server.register_message_receiver(1, got)
+    url = listen(server, f"tcp://127.0.0.1:0?gather_us={gather_us}")
+    client = managers("site-1")
+    client.add_connector(url, {}, Mode.ACTIVE)
+    client.start()
+    to_server = wait_ready(client, "server")
+    for i in range(3000):
+        client.send_message(to_server, 1, None, i.to_bytes(4, "big"))
+        if i % 500 == 0:
+            time.sleep(0.01)  # pauses: the stream runs dry now and then, mid-gather
+    assert [int.from_bytes(m[3], "big") for m in got.wait_for(3000)] == list(range(3000))
 
 
 def test_a_driver_instance_is_not_reused_after_shutdown(managers) -> None:

@@ -42,7 +42,7 @@ class Plan:
     repeat: int = 1
 
 
-FULL = Plan(rate_count=200_000, mib1_count=400, mib64_count=8, rtt_count=5_000, fanin={"tcp": 10_000}, repeat=3)
+FULL = Plan(rate_count=200_000, mib1_count=1_000, mib64_count=12, rtt_count=5_000, fanin={"tcp": 10_000}, repeat=3)
 QUICK = Plan(rate_count=20_000, mib1_count=50, mib64_count=2, rtt_count=500, fanin={"tcp": 500})
 DEFAULT_FANIN = 1_000
 

@@ -18,7 +18,7 @@ from sfm_core.params import get_param
 from sfm_core.url import bind_host, connect_host, listening_url
 
 from .connection import TcpConnection, _fmt
-from .reactor import Reactor
+from .reactor import DEFAULT_GATHER, Reactor
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ class TcpParams:
     send_timeout: float
     connect_timeout: float
     io_threads: int
+    gather_us: float
     max_frame_size: int
     scheme: str
 
@@ -59,6 +60,7 @@ class TcpParams:
             send_timeout=get("send_timeout", float, DEFAULT_SEND_TIMEOUT, 0.001),
             connect_timeout=get("connect_timeout", float, DEFAULT_CONNECT_TIMEOUT, 0.001),
             io_threads=get("io_threads", int, DEFAULT_IO_THREADS, 1),
+            gather_us=get("gather_us", float, DEFAULT_GATHER * 1e6, 0),
             max_frame_size=min(get("max_frame_size", int, MAX_FRAME_SIZE, PREFIX_LEN), MAX_FRAME_SIZE),
             scheme=str(params.get("scheme", "tcp")),
         )
@@ -105,7 +107,9 @@ class _Listener:
 
 class TcpDriver(Driver):
     """Plain TCP. Params: ``host``, ``port``, ``backlog``, ``send_timeout``, ``connect_timeout``,
-    ``io_threads`` (listener pool size), ``max_frame_size``.
+    ``io_threads`` (listener pool size), ``gather_us`` (how long a pool thread waits for more
+    data on a streaming connection before handing it back to epoll; 0 turns it off),
+    ``max_frame_size``.
     """
 
     def __init__(self) -> None:
@@ -122,8 +126,8 @@ class TcpDriver(Driver):
     def capabilities() -> dict[str, Any]:
         return {"max_frame_size": MAX_FRAME_SIZE, "tls": False, "io": "epoll, leader/followers pool"}
 
-    def _new_reactor(self, threads: int = 1) -> Reactor:
-        reactor = Reactor(f"sfm-tcp-{id(self) % 10000}", oneshot=threads > 1)
+    def _new_reactor(self, threads: int = 1, gather: float = DEFAULT_GATHER) -> Reactor:
+        reactor = Reactor(f"sfm-tcp-{id(self) % 10000}", oneshot=threads > 1, gather=gather)
         with self._lock:
             if self._stopping:
                 reactor.close()
@@ -169,7 +173,7 @@ class TcpDriver(Driver):
             sock.bind((host, port))
             sock.listen(params.backlog)
             sock.setblocking(False)
-            reactor = self._new_reactor(params.io_threads)
+            reactor = self._new_reactor(params.io_threads, params.gather_us / 1e6)
         except OSError as e:
             sock.close()
             raise CommError(CommError.ERROR, f"tcp: cannot listen on {host or '*'}:{port}: {e}") from None
