@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import threading
 
-from sfm_core import CommError, Connection, ConnManager, Endpoint, FrameType
+from helpers import StateLog
+
+from sfm_core import CommError, Connection, ConnManager, Endpoint, EndpointState, FrameType
 from sfm_core.driver import ConnState
 from sfm_core.frames import decode_frame, encode_frame
 from sfm_core.handshake import build_handshake
@@ -65,5 +67,35 @@ def test_the_endpoint_is_known_before_ready_and_nothing_overtakes_ready() -> Non
         assert not seen["racer_done_before_ready"], "a DATA send did not wait for READY"
         assert "error" not in seen
         assert conn.sent == [FrameType.READY, FrameType.DATA]
+    finally:
+        manager.stop()
+
+
+def test_a_connection_lost_before_ready_is_told_is_told_once_as_gone() -> None:
+    # The endpoint is recorded, then its connection closes on another thread before the
+    # handshake thread tells monitors READY: a READY told after that DISCONNECTED would leave
+    # monitors believing in an endpoint that is gone.
+    manager = ConnManager(Endpoint("server"))
+    log = StateLog()
+    manager.add_endpoint_monitor(log)
+    conn = RecordingConnection()
+
+    def lose_connection() -> None:
+        def close() -> None:
+            conn.state = ConnState.CLOSED
+            manager.state_change(conn)
+
+        closer = threading.Thread(target=close)
+        closer.start()
+        closer.join(5)
+
+    conn.on_ready = lose_connection
+    try:
+        conn.state = ConnState.CONNECTED
+        manager.state_change(conn)
+        conn.process_frame(b"".join(encode_frame(FrameType.HELLO, 0, 1, None, build_handshake("site-1", {}))))
+        assert manager.find_endpoint("site-1") is None
+        # Told once, and what monitors last heard is that it is gone.
+        assert log.events == [("site-1", EndpointState.DISCONNECTED)]
     finally:
         manager.stop()
