@@ -585,9 +585,9 @@ class ConnManager(ConnMonitor):
                 return None  # closed while the handshake was queued
             sfm_ep = self.sfm_endpoints.get(name)
             replaced: list[SfmConnection] = []
+            new = sfm_ep is None
             if sfm_ep is None:
                 sfm_ep = SfmEndpoint(Endpoint(name, properties, conn_props))
-                self.sfm_endpoints[name] = sfm_ep
             else:
                 replaced = sfm_ep.connections
                 sfm_ep.endpoint.properties = properties
@@ -596,6 +596,9 @@ class ConnManager(ConnMonitor):
             sfm_conn.sfm_endpoint = sfm_ep
             changed = sfm_ep.endpoint.state != EndpointState.READY
             sfm_ep.endpoint.state = EndpointState.READY
+            if new:
+                # Published only once usable: find_endpoint and send_message take no lock.
+                self.sfm_endpoints[name] = sfm_ep
             self._ready.notify_all()
         return sfm_ep, replaced, changed
 

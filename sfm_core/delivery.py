@@ -144,7 +144,13 @@ class Lane:
 
     @property
     def queued(self) -> int:
+        """Items waiting in the lane (not counting a batch a delivery thread has taken)."""
         return len(self._items)
+
+    @property
+    def paused(self) -> bool:
+        """True while the lane has asked its driver to stop reading (it was full)."""
+        return self._paused
 
     def _run(self, batch: int) -> None:
         with self._lock:

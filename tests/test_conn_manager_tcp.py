@@ -600,11 +600,16 @@ def _eager_senders(server: ConnManager, url: str) -> None:
         name = f"eager-{i}"
         stop = threading.Event()
 
-        def send_when_known(name: str = name, stop: threading.Event = stop) -> None:
+        errors: list[CommError] = []
+
+        def send_when_known(name: str = name, stop: threading.Event = stop, errors: list = errors) -> None:
             while not stop.is_set():
                 ep = server.find_endpoint(name)
                 if ep is not None:
-                    server.send_message(ep, 7, None, b"first")
+                    try:
+                        server.send_message(ep, 7, None, b"first")
+                    except CommError as e:  # a known endpoint must take messages at once
+                        errors.append(e)
                     return
 
         sender = threading.Thread(target=send_when_known)
@@ -614,6 +619,8 @@ def _eager_senders(server: ConnManager, url: str) -> None:
                 peer.hello(name)
                 # Generous timeouts: with a tiny switch interval, a busy machine crawls.
                 assert peer.read_frame(timeout=20).type == FrameType.READY
+                sender.join(20)
+                assert not errors, errors[0]
                 assert peer.read_frame(timeout=20).payload == b"first"
         finally:
             stop.set()

@@ -487,6 +487,34 @@ def test_backpressure_reaches_the_sender():
         p.stop()
 
 
+def test_a_send_from_the_loop_thread_over_a_full_queue_raises_instead_of_deadlocking():
+    # A receiver running on the event loop (or a driver callback) that sends: it cannot wait
+    # for the queue to drain, since the loop thread is the one that drains it.
+    p = Pair(client_query="?send_queue_bytes=65536")
+    lt = acquire_loop()
+    try:
+        sfm_conn = p.client.get_connections("server")[0]
+        chunk = b"c" * 40_000
+
+        async def two_sends() -> CommError | None:
+            sfm_conn.send_frame(FrameType.DATA, 1, 1, None, chunk)
+            try:
+                sfm_conn.send_frame(FrameType.DATA, 1, 2, None, chunk)
+            except CommError as e:
+                return e
+            return None
+
+        err = lt.run(two_sends(), 10)
+        assert err is not None and err.code == CommError.TIMEOUT, err
+        assert "event loop thread" in err.message
+        # Only that send failed: the connection goes on.
+        p.client.send_message(p.to_server, 1, None, b"after")
+        assert [bytes(m[3]) for m in p.server_rx.wait_for(2)] == [chunk, b"after"]
+    finally:
+        p.stop()
+        release_loop()
+
+
 def test_no_cap_at_100_streams(listener):
     _server, url = listener
     result = GrpcBaseline().fanin(url, 160, 30.0)

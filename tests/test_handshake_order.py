@@ -99,3 +99,25 @@ def test_a_connection_lost_before_ready_is_told_is_told_once_as_gone() -> None:
         assert log.events == [("site-1", EndpointState.DISCONNECTED)]
     finally:
         manager.stop()
+
+
+def test_an_endpoint_is_published_only_once_it_can_take_messages() -> None:
+    # find_endpoint and send_message read the endpoint table without a lock: an entry must
+    # appear READY and with its connection, or a sender that finds it gets NOT_READY.
+    manager = ConnManager(Endpoint("server"))
+    published: list = []
+
+    class WatchedTable(dict):
+        def __setitem__(self, name, sfm_ep) -> None:
+            published.append((name, sfm_ep.endpoint.state, len(sfm_ep.connections)))
+            super().__setitem__(name, sfm_ep)
+
+    manager.sfm_endpoints = WatchedTable()
+    conn = RecordingConnection()
+    try:
+        conn.state = ConnState.CONNECTED
+        manager.state_change(conn)
+        conn.process_frame(b"".join(encode_frame(FrameType.HELLO, 0, 1, None, build_handshake("site-1", {}))))
+        assert published == [("site-1", EndpointState.READY, 1)]
+    finally:
+        manager.stop()

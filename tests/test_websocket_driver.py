@@ -619,7 +619,8 @@ def test_pause_asked_while_taking_early_frames_is_kept(managers):
         client.start()
         wait_until(lambda: client.sfm_conns, what="connection")
         [sc] = list(client.sfm_conns.values())
-        wait_until(lambda: not sc.conn.transport.is_reading(), 2.0, what="reading paused")
+        # Paused by the full lane (queue_frames=100), not just held until add_connection.
+        wait_until(lambda: sc.lane.paused and not sc.conn.transport.is_reading(), 2.0, what="lane full, paused")
         queued = sc.lane.queued
         time.sleep(0.3)
         assert not sc.conn.transport.is_reading()
