@@ -459,6 +459,40 @@ def test_connect_refused_raises_commerror():
     driver.shutdown()
 
 
+def test_shutdown_ends_a_pending_connect_and_leaks_nothing():
+    # A peer whose kernel accepts the TCP connection but that never speaks HTTP/2: the
+    # channel stays CONNECTING, as with a hung server. shutdown() must end the connect soon,
+    # with a clear error, and close the channel it was opening (the leak check sees it).
+    import socket
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    driver = GrpcDriver()
+    params = {"host": "127.0.0.1", "port": silent.getsockname()[1], "connect_timeout": "30"}
+    errors: list[CommError] = []
+
+    def connect() -> None:
+        try:
+            driver.connect(ConnectorInfo("CH1", driver, params, Mode.ACTIVE))
+        except CommError as e:
+            errors.append(e)
+
+    t = threading.Thread(target=connect)
+    t.start()
+    try:
+        time.sleep(0.3)  # the connect is under way
+        t0 = time.monotonic()
+        driver.shutdown()
+        t.join(10)
+        assert not t.is_alive() and time.monotonic() - t0 < 2.0
+        assert errors and "the driver is shut down" in errors[0].message, errors
+    finally:
+        driver.shutdown()
+        t.join(10)
+        silent.close()
+
+
 # -- backpressure and scale -------------------------------------------------------------------
 
 
