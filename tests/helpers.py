@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import socket
+import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from sfm_core import Endpoint, EndpointMonitor, EndpointState, Message, MessageReceiver
@@ -125,3 +128,25 @@ class RawPeer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def serving(argv: list[str]) -> Iterator[tuple[subprocess.Popen, str]]:
+    """Run an ``sfm serve`` command line; yield the process and the URL it listens on.
+
+    On exit the process gets SIGTERM (and is killed if it lingers) and its pipes are closed.
+    """
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = proc.stdout.readline()
+        assert "listening on" in first, first + proc.stderr.read()
+        yield proc, first.rsplit(" ", 1)[1].strip()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 
 import pytest
-from helpers import wait_until
+from helpers import serving, wait_until
 
 SFM = [sys.executable, "-m", "sfm_core.cli"]
 
@@ -20,26 +19,9 @@ def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 
 @pytest.fixture
 def echo_server():
-    """``sfm serve tcp://127.0.0.1:0 --echo 1`` in a subprocess; yields its URL."""
-    proc = subprocess.Popen(
-        [*SFM, "serve", "tcp://127.0.0.1:0", "--name", "echo-srv", "--echo", "1"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        first = proc.stdout.readline()
-        assert "listening on" in first, first + proc.stderr.read()
-        yield proc, first.rsplit(" ", 1)[1].strip()
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
+    """``sfm serve tcp://127.0.0.1:0 --echo 1`` in a subprocess; yields (proc, url)."""
+    with serving([*SFM, "serve", "tcp://127.0.0.1:0", "--name", "echo-srv", "--echo", "1"]) as served:
+        yield served
 
 
 def test_ping_against_serve_echo(echo_server) -> None:

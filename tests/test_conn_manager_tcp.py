@@ -599,7 +599,6 @@ def _eager_senders(server: ConnManager, url: str) -> None:
     for i in range(50):
         name = f"eager-{i}"
         stop = threading.Event()
-
         errors: list[CommError] = []
 
         def send_when_known(name: str = name, stop: threading.Event = stop, errors: list = errors) -> None:

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import signal
-import subprocess
 import sys
 
 import pytest
-from helpers import RawPeer
+from helpers import RawPeer, serving
 
 from sfm_core import FrameType
 
@@ -27,25 +26,8 @@ sys.exit(main(["serve", "tcp://127.0.0.1:0", "--name", "starved"]))
 @pytest.fixture
 def starved_server():
     """``sfm serve`` in a process that can open only FD_LIMIT files; yields (proc, url)."""
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _SERVE_STARVED],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        first = proc.stdout.readline()
-        assert "listening on" in first, first + proc.stderr.read()
-        yield proc, first.rsplit(" ", 1)[1].strip()
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
+    with serving([sys.executable, "-c", _SERVE_STARVED]) as served:
+        yield served
 
 
 def _answered(peer: RawPeer, timeout: float) -> bool:
