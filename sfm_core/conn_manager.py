@@ -57,6 +57,9 @@ class SfmEndpoint:
     def __init__(self, endpoint: Endpoint) -> None:
         self.endpoint = endpoint
         self.connections: list[SfmConnection] = []
+        #: Monitors were told it is READY (under the manager's notify lock): only then is its
+        #: loss news to them.
+        self.told_ready = False
         # next() on itertools.count is atomic under the GIL: no lock on the send path.
         self._stream_ids = itertools.count(17)
 
@@ -466,15 +469,17 @@ class ConnManager(ConnMonitor):
             sfm_ep.endpoint.state = EndpointState.DISCONNECTED
         # Through the connection's lane (if any), so monitors hear of it after its messages.
         lane = sfm_conn.lane
-        task = functools.partial(self._notify_disconnected, sfm_ep.endpoint)
+        task = functools.partial(self._notify_disconnected, sfm_ep)
         if lane is None or not self.started or self.stopped or not lane.submit((task,)):
             task()
 
-    def _notify_disconnected(self, endpoint: Endpoint) -> None:
+    def _notify_disconnected(self, sfm_ep: SfmEndpoint) -> None:
         with self._notify_lock:
-            if self.sfm_endpoints.get(endpoint.name) is not None:
+            if self.sfm_endpoints.get(sfm_ep.endpoint.name) is not None:
                 return  # it came back meanwhile: a stale DISCONNECTED would contradict its READY
-            self.notify_monitors(endpoint)
+            if not sfm_ep.told_ready:
+                return  # lost before its READY was told: monitors never knew of it
+            self.notify_monitors(sfm_ep.endpoint)
 
     # -- receiving -----------------------------------------------------------------------
 
@@ -625,6 +630,7 @@ class ConnManager(ConnMonitor):
         if changed:
             with self._notify_lock:
                 if self.sfm_endpoints.get(name) is sfm_ep and sfm_ep.endpoint.state == EndpointState.READY:
+                    sfm_ep.told_ready = True
                     self.notify_monitors(sfm_ep.endpoint)
 
     # -- sending -------------------------------------------------------------------------
@@ -693,6 +699,10 @@ class ConnManager(ConnMonitor):
         self.receivers[app_id] = receiver
 
     def add_endpoint_monitor(self, monitor: EndpointMonitor) -> None:
+        """Tell ``monitor`` of endpoint state changes: READY, later DISCONNECTED, in that order.
+
+        A peer whose connection is lost before its READY was told is not told at all.
+        """
         self.monitors.append(monitor)
 
     def notify_monitors(self, endpoint: Endpoint) -> None:
