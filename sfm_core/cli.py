@@ -374,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schemes", nargs="+", help="schemes to measure (default: every installed one)")
     p.add_argument("--quick", action="store_true", help="smaller counts, one round")
     p.add_argument(
-        "--repeat", type=int, metavar="N", help="interleaved rounds, each row their median (default 3, --quick 1)"
+        "--repeat", type=int, metavar="N", help="interleaved rounds, each row the best of them (default 3, --quick 1)"
     )
     p.add_argument("--json", metavar="PATH", help="also write results as JSON")
     p.set_defaults(func=cmd_bench)

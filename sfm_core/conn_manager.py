@@ -475,8 +475,12 @@ class ConnManager(ConnMonitor):
 
     def _notify_disconnected(self, sfm_ep: SfmEndpoint) -> None:
         with self._notify_lock:
-            if self.sfm_endpoints.get(sfm_ep.endpoint.name) is not None:
-                return  # it came back meanwhile: a stale DISCONNECTED would contradict its READY
+            current = self.sfm_endpoints.get(sfm_ep.endpoint.name)
+            if current is not None:
+                # It came back meanwhile: a stale DISCONNECTED would contradict its READY. But
+                # monitors still believe in this name, so the newcomer's loss is news to them.
+                current.told_ready = current.told_ready or sfm_ep.told_ready
+                return
             if not sfm_ep.told_ready:
                 return  # lost before its READY was told: monitors never knew of it
             self.notify_monitors(sfm_ep.endpoint)

@@ -121,3 +121,56 @@ def test_an_endpoint_is_published_only_once_it_can_take_messages() -> None:
         assert published == [("site-1", EndpointState.READY, 1)]
     finally:
         manager.stop()
+
+
+def test_a_name_that_came_back_and_was_lost_again_is_told_disconnected() -> None:
+    # site-1 is told READY on X. X is lost, but its DISCONNECTED waits (here behind a slow
+    # monitor call; with an event-loop driver, behind X's undelivered frames). site-1 comes
+    # back on Y, so the waiting DISCONNECTED is dropped as stale; then Y is lost before its
+    # READY is told. Monitors must still hear that site-1 is gone.
+    hello = b"".join(encode_frame(FrameType.HELLO, 0, 1, None, build_handshake("site-1", {})))
+    manager = ConnManager(Endpoint("server"))
+    log = StateLog()
+    manager.add_endpoint_monitor(log)
+
+    def lose(conn: RecordingConnection) -> None:
+        conn.state = ConnState.CLOSED
+        manager.state_change(conn)
+
+    x = RecordingConnection()
+    x.state = ConnState.CONNECTED
+    manager.state_change(x)
+    x.process_frame(hello)
+    busy, done = threading.Event(), threading.Event()
+
+    def slow_monitor_call() -> None:
+        with manager._notify_lock:
+            busy.set()
+            done.wait(5)
+
+    slow = threading.Thread(target=slow_monitor_call)
+    slow.start()
+    busy.wait(5)
+    lose_x = threading.Thread(target=lose, args=(x,))
+    lose_x.start()
+    lose_x.join(0.3)  # X is out of the tables; its DISCONNECTED waits for the notify lock
+    y = RecordingConnection()
+
+    def lose_y_before_ready_is_told() -> None:
+        done.set()
+        slow.join(5)
+        lose_x.join(5)  # X's DISCONNECTED ran and found site-1 live again
+        lose_y = threading.Thread(target=lose, args=(y,))
+        lose_y.start()
+        lose_y.join(5)
+
+    y.on_ready = lose_y_before_ready_is_told
+    try:
+        y.state = ConnState.CONNECTED
+        manager.state_change(y)
+        y.process_frame(hello)
+        assert manager.find_endpoint("site-1") is None
+        assert log.events == [("site-1", EndpointState.READY), ("site-1", EndpointState.DISCONNECTED)]
+    finally:
+        done.set()
+        manager.stop()
