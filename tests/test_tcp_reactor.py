@@ -10,9 +10,10 @@ from sfm_driver_tcp.reactor import Reactor
 class Scripted:
     """A handler whose readable_now() answers from a script (then False)."""
 
-    def __init__(self, *answers: bool) -> None:
+    def __init__(self, *answers: bool, one_way: bool = True) -> None:
         self.answers = list(answers)
         self.asked_at: list[float] = []
+        self.one_way = one_way
 
     def fileno(self) -> int:
         return -1
@@ -23,6 +24,9 @@ class Scripted:
     def readable_now(self) -> bool:
         self.asked_at.append(time.monotonic())
         return self.answers.pop(0) if self.answers else False
+
+    def wants_gather(self) -> bool:
+        return self.one_way
 
     def on_reactor_stop(self) -> None:
         pass
@@ -58,4 +62,12 @@ def test_a_stream_that_runs_dry_gets_one_short_wait() -> None:
 def test_gather_zero_never_waits() -> None:
     h = Scripted(False, True)
     assert not _reactor(0)._more(h, rounds=5)
+    assert len(h.asked_at) == 1
+
+
+def test_a_round_that_replied_never_waits() -> None:
+    # Request/response: the next request comes only after the reply, and a sleep cannot be
+    # cut short when it arrives.
+    h = Scripted(False, True, one_way=False)
+    assert not _reactor(0.05)._more(h, rounds=5)
     assert len(h.asked_at) == 1

@@ -70,6 +70,8 @@ class TcpConnection(Connection):
         self._deferred_bytes = 0
         self._eof = False
         self._poller: select.poll | None = None
+        self._sends = 0  # frames sent so far, by any thread
+        self._one_way = False  # the last on_readable round sent nothing
         try:
             self._peer = sock.getpeername()
             self._local = sock.getsockname()
@@ -89,6 +91,7 @@ class TcpConnection(Connection):
         bufs = frame if isinstance(frame, list) else [frame]
         if self._closing:
             raise CommError(CommError.CLOSED, f"connection {self.name} to {_fmt(self._peer)} is closed")
+        self._sends += 1
         total = sum(map(len, bufs))  # the core hands byte-format buffers: len() is bytes
         try:
             if total <= _SMALL:
@@ -178,6 +181,7 @@ class TcpConnection(Connection):
 
     def on_readable(self) -> None:
         self._reader = threading.get_ident()
+        sends = self._sends
         try:
             self._read_and_deliver()
             while self._deferred and not self._closing:
@@ -187,6 +191,7 @@ class TcpConnection(Connection):
                 self._finish()
         finally:
             self._reader = None
+            self._one_way = self._sends == sends
 
     def _read_and_deliver(self) -> None:
         decoder = self._decoder
@@ -250,6 +255,10 @@ class TcpConnection(Connection):
     def readable_now(self) -> bool:
         """True if more bytes (or EOF) are waiting: the reactor then keeps serving us."""
         return not self._closed and self._wait_readable(0)
+
+    def wants_gather(self) -> bool:
+        """True if the last round only took data in: a one-way stream, worth a short wait."""
+        return self._one_way
 
     def _hand_over(self, frames: list) -> None:
         if frames:

@@ -85,6 +85,9 @@ class _Listener:
     def readable_now(self) -> bool:
         return False  # accept batches are already bounded; let any pool thread take the next
 
+    def wants_gather(self) -> bool:
+        return False
+
     def on_readable(self) -> None:
         for _ in range(_ACCEPTS_PER_EVENT):
             try:
