@@ -105,14 +105,12 @@ class TcpConnection(Connection):
             self.close()
             raise CommError(CommError.CLOSED, f"connection {self.name} to {_fmt(self._peer)}: {e}") from None
         if sent != total:
-            try:
-                self._send_rest(bufs, sent)
-            except BaseException:
-                if sent or self._closing:
-                    self.close()  # part of the frame is on the wire: the stream is unusable
-                raise
+            self._send_rest(bufs, sent)
 
     def _send_rest(self, bufs: list, sent: int) -> None:
+        """Send the frame's remaining bytes, waiting for room. If that fails with part of the
+        frame on the wire, the connection is closed: the peer could not find the next frame."""
+        on_wire = sent > 0
         views = []
         for b in bufs:
             mv = b if isinstance(b, memoryview) else memoryview(b)
@@ -125,36 +123,42 @@ class TcpConnection(Connection):
         poller = select.poll()
         poller.register(self._fd, select.POLLOUT | (select.POLLIN if reading_here else 0))
         deadline = time.monotonic() + self._send_timeout
-        while views:
-            if self._closing:
-                raise CommError(CommError.CLOSED, f"connection {self.name} closed while sending")
-            try:
-                n = self.sock.sendmsg(views[:_IOV_MAX])
-            except BlockingIOError:
-                n = 0
-            except OSError as e:
-                raise CommError(CommError.CLOSED, f"connection {self.name} to {_fmt(self._peer)}: {e}") from None
-            if n:
-                deadline = time.monotonic() + self._send_timeout  # progress: the peer is alive
-            while n and views:
-                first = views[0]
-                if n >= first.nbytes:
-                    n -= first.nbytes
-                    views.pop(0)
-                else:
-                    views[0] = first[n:]
+        try:
+            while views:
+                if self._closing:
+                    raise CommError(CommError.CLOSED, f"connection {self.name} closed while sending")
+                try:
+                    n = self.sock.sendmsg(views[:_IOV_MAX])
+                except BlockingIOError:
                     n = 0
-            if not views:
-                return
-            wait = deadline - time.monotonic()
-            if wait <= 0:
-                raise CommError(
-                    CommError.TIMEOUT,
-                    f"connection {self.name} to {_fmt(self._peer)}: peer took nothing for {self._send_timeout} s",
-                )
-            for _fd, events in poller.poll(min(wait, 1.0) * 1000):
-                if events & select.POLLIN and reading_here and not self._read_while_sending():
-                    poller.modify(self._fd, select.POLLOUT)  # enough read ahead, or EOF
+                except OSError as e:
+                    raise CommError(CommError.CLOSED, f"connection {self.name} to {_fmt(self._peer)}: {e}") from None
+                if n:
+                    on_wire = True
+                    deadline = time.monotonic() + self._send_timeout  # progress: the peer is alive
+                while n and views:
+                    first = views[0]
+                    if n >= first.nbytes:
+                        n -= first.nbytes
+                        views.pop(0)
+                    else:
+                        views[0] = first[n:]
+                        n = 0
+                if not views:
+                    return
+                wait = deadline - time.monotonic()
+                if wait <= 0:
+                    raise CommError(
+                        CommError.TIMEOUT,
+                        f"connection {self.name} to {_fmt(self._peer)}: peer took nothing for {self._send_timeout} s",
+                    )
+                for _fd, events in poller.poll(min(wait, 1.0) * 1000):
+                    if events & select.POLLIN and reading_here and not self._read_while_sending():
+                        poller.modify(self._fd, select.POLLOUT)  # enough read ahead, or EOF
+        except BaseException:
+            if on_wire or self._closing:
+                self.close()
+            raise
 
     def _read_while_sending(self) -> bool:
         """Read frames for later delivery; False once reading should stop."""
