@@ -557,17 +557,28 @@ class ConnManager(ConnMonitor):
         # (and of two connections claiming one name, the one answered last is kept). The send
         # lock is held throughout: a message sent to the endpoint the moment it is known
         # still goes out after READY.
-        registered = None
-        try:
-            with sfm_conn._send_lock:
-                sfm_conn.conn.extensions = agreed
-                registered = self._register_endpoint(sfm_conn, data)
-                if registered is not None:
-                    # READY names only what the peer offered: a plain peer sees no sfm_ext at all.
-                    sfm_conn.send_handshake(FrameType.READY, agreed)
-        finally:
-            if registered is not None:  # even if READY failed: the bookkeeping has changed
-                self._settle_endpoint(sfm_conn, *registered)
+        with sfm_conn._send_lock:
+            sfm_conn.conn.extensions = agreed
+            registered = self._register_endpoint(sfm_conn, data)
+            if registered is None:
+                return
+            try:
+                # READY names only what the peer offered: a plain peer sees no sfm_ext at all.
+                sfm_conn.send_handshake(FrameType.READY, agreed)
+            except BaseException:
+                self._unregister_endpoint(sfm_conn, *registered)
+                raise
+        self._settle_endpoint(sfm_conn, *registered)
+
+    def _unregister_endpoint(
+        self, sfm_conn: SfmConnection, sfm_ep: SfmEndpoint, replaced: list[SfmConnection], changed: bool
+    ) -> None:
+        """READY could not be sent on ``sfm_conn``: give the endpoint back the connections it
+        replaced, which still work (a new endpoint goes when ``sfm_conn`` closes, untold)."""
+        with self._lock:
+            if replaced and sfm_ep.connections == [sfm_conn]:
+                sfm_ep.connections = replaced
+                sfm_conn.sfm_endpoint = None
 
     def update_endpoint(self, sfm_conn: SfmConnection, data: dict) -> None:
         """Record the peer named in a handshake map on this connection; the endpoint is READY.

@@ -174,3 +174,29 @@ def test_a_name_that_came_back_and_was_lost_again_is_told_disconnected() -> None
     finally:
         done.set()
         manager.stop()
+
+
+def test_a_newer_connection_that_cannot_send_ready_does_not_replace_a_working_one() -> None:
+    hello = b"".join(encode_frame(FrameType.HELLO, 0, 1, None, build_handshake("site-1", {})))
+    manager = ConnManager(Endpoint("server"))
+    log = StateLog()
+    manager.add_endpoint_monitor(log)
+    old, new = RecordingConnection(), RecordingConnection()
+
+    def broken() -> None:
+        raise CommError(CommError.CLOSED, "the new connection broke")
+
+    new.on_ready = broken
+    try:
+        for conn in (old, new):
+            conn.state = ConnState.CONNECTED
+            manager.state_change(conn)
+            conn.process_frame(hello)  # the core logs the failed READY and goes on
+        assert [c.conn for c in manager.get_connections("site-1")] == [old]
+        assert old.state == ConnState.CONNECTED  # not closed as replaced
+        new.state = ConnState.CLOSED
+        manager.state_change(new)
+        assert manager.find_endpoint("site-1") is not None
+        assert log.events == [("site-1", EndpointState.READY)]
+    finally:
+        manager.stop()
