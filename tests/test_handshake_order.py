@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 
+import pytest
 from helpers import StateLog
 
 from sfm_core import CommError, Connection, ConnManager, Endpoint, EndpointState, FrameType
 from sfm_core.driver import ConnState
 from sfm_core.frames import decode_frame, encode_frame
 from sfm_core.handshake import build_handshake
+
+HELLO = b"".join(encode_frame(FrameType.HELLO, 0, 1, None, build_handshake("site-1", {})))
 
 
 class RecordingConnection(Connection):
@@ -35,8 +39,37 @@ class RecordingConnection(Connection):
         self.sent.append(ftype)
 
 
-def test_the_endpoint_is_known_before_ready_and_nothing_overtakes_ready() -> None:
-    manager = ConnManager(Endpoint("server"))
+@pytest.fixture
+def manager() -> Iterator[ConnManager]:
+    m = ConnManager(Endpoint("server"))
+    m.log = StateLog()  # what its endpoint monitors heard
+    m.add_endpoint_monitor(m.log)
+    yield m
+    m.stop()
+
+
+def connect(manager: ConnManager, conn: RecordingConnection) -> None:
+    """The driver reports ``conn`` and it delivers site-1's HELLO (READY is sent inline)."""
+    conn.state = ConnState.CONNECTED
+    manager.state_change(conn)
+    conn.process_frame(HELLO)
+
+
+def lose(manager: ConnManager, conn: RecordingConnection) -> None:
+    """The driver reports ``conn`` closed."""
+    conn.state = ConnState.CLOSED
+    manager.state_change(conn)
+
+
+def in_thread(fn, *args, timeout: float = 5.0) -> threading.Thread:
+    """Run ``fn`` on another thread and wait up to ``timeout`` for it."""
+    t = threading.Thread(target=fn, args=args)
+    t.start()
+    t.join(timeout)
+    return t
+
+
+def test_the_endpoint_is_known_before_ready_and_nothing_overtakes_ready(manager) -> None:
     conn = RecordingConnection()
     seen: dict = {}
 
@@ -51,60 +84,34 @@ def test_the_endpoint_is_known_before_ready_and_nothing_overtakes_ready() -> Non
             except CommError as e:
                 seen["error"] = e
 
-        racer = threading.Thread(target=send)
-        racer.start()
-        racer.join(0.3)
+        racer = in_thread(send, timeout=0.3)
         seen["racer_done_before_ready"] = not racer.is_alive()
         seen["racer"] = racer
 
     conn.on_ready = race_ready
-    try:
-        conn.state = ConnState.CONNECTED
-        manager.state_change(conn)
-        conn.process_frame(b"".join(encode_frame(FrameType.HELLO, 0, 1, None, build_handshake("site-1", {}))))
-        seen["racer"].join(5)
-        assert seen["known"], "READY went out before the endpoint was recorded"
-        assert not seen["racer_done_before_ready"], "a DATA send did not wait for READY"
-        assert "error" not in seen
-        assert conn.sent == [FrameType.READY, FrameType.DATA]
-    finally:
-        manager.stop()
+    connect(manager, conn)
+    seen["racer"].join(5)
+    assert seen["known"], "READY went out before the endpoint was recorded"
+    assert not seen["racer_done_before_ready"], "a DATA send did not wait for READY"
+    assert "error" not in seen
+    assert conn.sent == [FrameType.READY, FrameType.DATA]
 
 
-def test_a_connection_lost_before_ready_is_told_is_never_told() -> None:
+def test_a_connection_lost_before_ready_is_told_is_never_told(manager) -> None:
     # The endpoint is recorded, then its connection closes on another thread before the
     # handshake thread tells monitors READY: a READY told after the loss would leave monitors
     # believing in an endpoint that is gone, and a DISCONNECTED alone would be news of an
     # endpoint they never heard of.
-    manager = ConnManager(Endpoint("server"))
-    log = StateLog()
-    manager.add_endpoint_monitor(log)
     conn = RecordingConnection()
-
-    def lose_connection() -> None:
-        def close() -> None:
-            conn.state = ConnState.CLOSED
-            manager.state_change(conn)
-
-        closer = threading.Thread(target=close)
-        closer.start()
-        closer.join(5)
-
-    conn.on_ready = lose_connection
-    try:
-        conn.state = ConnState.CONNECTED
-        manager.state_change(conn)
-        conn.process_frame(b"".join(encode_frame(FrameType.HELLO, 0, 1, None, build_handshake("site-1", {}))))
-        assert manager.find_endpoint("site-1") is None
-        assert log.events == []
-    finally:
-        manager.stop()
+    conn.on_ready = lambda: in_thread(lose, manager, conn)
+    connect(manager, conn)
+    assert manager.find_endpoint("site-1") is None
+    assert manager.log.events == []
 
 
-def test_an_endpoint_is_published_only_once_it_can_take_messages() -> None:
+def test_an_endpoint_is_published_only_once_it_can_take_messages(manager) -> None:
     # find_endpoint and send_message read the endpoint table without a lock: an entry must
     # appear READY and with its connection, or a sender that finds it gets NOT_READY.
-    manager = ConnManager(Endpoint("server"))
     published: list = []
 
     class WatchedTable(dict):
@@ -113,34 +120,17 @@ def test_an_endpoint_is_published_only_once_it_can_take_messages() -> None:
             super().__setitem__(name, sfm_ep)
 
     manager.sfm_endpoints = WatchedTable()
-    conn = RecordingConnection()
-    try:
-        conn.state = ConnState.CONNECTED
-        manager.state_change(conn)
-        conn.process_frame(b"".join(encode_frame(FrameType.HELLO, 0, 1, None, build_handshake("site-1", {}))))
-        assert published == [("site-1", EndpointState.READY, 1)]
-    finally:
-        manager.stop()
+    connect(manager, RecordingConnection())
+    assert published == [("site-1", EndpointState.READY, 1)]
 
 
-def test_a_name_that_came_back_and_was_lost_again_is_told_disconnected() -> None:
+def test_a_name_that_came_back_and_was_lost_again_is_told_disconnected(manager) -> None:
     # site-1 is told READY on X. X is lost, but its DISCONNECTED waits (here behind a slow
     # monitor call; with an event-loop driver, behind X's undelivered frames). site-1 comes
     # back on Y, so the waiting DISCONNECTED is dropped as stale; then Y is lost before its
     # READY is told. Monitors must still hear that site-1 is gone.
-    hello = b"".join(encode_frame(FrameType.HELLO, 0, 1, None, build_handshake("site-1", {})))
-    manager = ConnManager(Endpoint("server"))
-    log = StateLog()
-    manager.add_endpoint_monitor(log)
-
-    def lose(conn: RecordingConnection) -> None:
-        conn.state = ConnState.CLOSED
-        manager.state_change(conn)
-
-    x = RecordingConnection()
-    x.state = ConnState.CONNECTED
-    manager.state_change(x)
-    x.process_frame(hello)
+    x, y = RecordingConnection(), RecordingConnection()
+    connect(manager, x)
     busy, done = threading.Event(), threading.Event()
 
     def slow_monitor_call() -> None:
@@ -151,52 +141,34 @@ def test_a_name_that_came_back_and_was_lost_again_is_told_disconnected() -> None
     slow = threading.Thread(target=slow_monitor_call)
     slow.start()
     busy.wait(5)
-    lose_x = threading.Thread(target=lose, args=(x,))
-    lose_x.start()
-    lose_x.join(0.3)  # X is out of the tables; its DISCONNECTED waits for the notify lock
-    y = RecordingConnection()
+    lose_x = in_thread(lose, manager, x, timeout=0.3)  # out of the tables; its DISCONNECTED waits
 
     def lose_y_before_ready_is_told() -> None:
         done.set()
         slow.join(5)
         lose_x.join(5)  # X's DISCONNECTED ran and found site-1 live again
-        lose_y = threading.Thread(target=lose, args=(y,))
-        lose_y.start()
-        lose_y.join(5)
+        in_thread(lose, manager, y)
 
     y.on_ready = lose_y_before_ready_is_told
     try:
-        y.state = ConnState.CONNECTED
-        manager.state_change(y)
-        y.process_frame(hello)
-        assert manager.find_endpoint("site-1") is None
-        assert log.events == [("site-1", EndpointState.READY), ("site-1", EndpointState.DISCONNECTED)]
+        connect(manager, y)
     finally:
         done.set()
-        manager.stop()
+    assert manager.find_endpoint("site-1") is None
+    assert manager.log.events == [("site-1", EndpointState.READY), ("site-1", EndpointState.DISCONNECTED)]
 
 
-def test_a_newer_connection_that_cannot_send_ready_does_not_replace_a_working_one() -> None:
-    hello = b"".join(encode_frame(FrameType.HELLO, 0, 1, None, build_handshake("site-1", {})))
-    manager = ConnManager(Endpoint("server"))
-    log = StateLog()
-    manager.add_endpoint_monitor(log)
+def test_a_newer_connection_that_cannot_send_ready_does_not_replace_a_working_one(manager) -> None:
     old, new = RecordingConnection(), RecordingConnection()
 
     def broken() -> None:
         raise CommError(CommError.CLOSED, "the new connection broke")
 
     new.on_ready = broken
-    try:
-        for conn in (old, new):
-            conn.state = ConnState.CONNECTED
-            manager.state_change(conn)
-            conn.process_frame(hello)  # the core logs the failed READY and goes on
-        assert [c.conn for c in manager.get_connections("site-1")] == [old]
-        assert old.state == ConnState.CONNECTED  # not closed as replaced
-        new.state = ConnState.CLOSED
-        manager.state_change(new)
-        assert manager.find_endpoint("site-1") is not None
-        assert log.events == [("site-1", EndpointState.READY)]
-    finally:
-        manager.stop()
+    connect(manager, old)
+    connect(manager, new)  # the core logs the failed READY and goes on
+    assert [c.conn for c in manager.get_connections("site-1")] == [old]
+    assert old.state == ConnState.CONNECTED  # not closed as replaced
+    lose(manager, new)
+    assert manager.find_endpoint("site-1") is not None
+    assert manager.log.events == [("site-1", EndpointState.READY)]
