@@ -566,13 +566,12 @@ class ConnManager(ConnMonitor):
                 # READY names only what the peer offered: a plain peer sees no sfm_ext at all.
                 sfm_conn.send_handshake(FrameType.READY, agreed)
             except BaseException:
-                self._unregister_endpoint(sfm_conn, *registered)
+                sfm_ep, replaced, _changed = registered
+                self._unregister_endpoint(sfm_conn, sfm_ep, replaced)
                 raise
         self._settle_endpoint(sfm_conn, *registered)
 
-    def _unregister_endpoint(
-        self, sfm_conn: SfmConnection, sfm_ep: SfmEndpoint, replaced: list[SfmConnection], changed: bool
-    ) -> None:
+    def _unregister_endpoint(self, sfm_conn: SfmConnection, sfm_ep: SfmEndpoint, replaced: list[SfmConnection]) -> None:
         """READY could not be sent on ``sfm_conn``: give the endpoint back the connections it
         replaced, which still work (a new endpoint goes when ``sfm_conn`` closes, untold)."""
         with self._lock:
