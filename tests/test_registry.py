@@ -62,12 +62,12 @@ def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
             get_plugin_manager().unregister(mod)
 
 
-def _driver(module: str, cls: str, scheme: str, dist: str) -> str:
+def _driver(cls: str, scheme: str, dist: str) -> str:
     return DRIVER_SRC.format(cls=cls, scheme=scheme, dist=dist)
 
 
 def test_unknown_scheme_names_scheme_known_schemes_and_package(site) -> None:
-    site("fake-a", {"foo": "fake_a:FooDriver"}, "fake_a", _driver("fake_a", "FooDriver", "foo", "fake-a"))
+    site("fake-a", {"foo": "fake_a:FooDriver"}, "fake_a", _driver("FooDriver", "foo", "fake-a"))
     reg = DriverRegistry(GROUP)
     with pytest.raises(CommError) as err:
         reg.get_driver_class("grpc")
@@ -79,7 +79,7 @@ def test_unknown_scheme_names_scheme_known_schemes_and_package(site) -> None:
 
 def test_a_driver_that_fails_to_import_is_reported_and_breaks_nothing_else(site) -> None:
     site("fake-broken", {"bad": "fake_broken:Driver"}, "fake_broken", "raise RuntimeError('boom at import')\n")
-    site("fake-a", {"foo": "fake_a:FooDriver"}, "fake_a", _driver("fake_a", "FooDriver", "foo", "fake-a"))
+    site("fake-a", {"foo": "fake_a:FooDriver"}, "fake_a", _driver("FooDriver", "foo", "fake-a"))
     reg = DriverRegistry(GROUP)
     with pytest.raises(CommError) as err:
         reg.get_driver_class("bad")
@@ -98,8 +98,8 @@ def test_an_entry_point_that_is_not_a_driver_is_refused(site) -> None:
 
 
 def test_duplicate_schemes_follow_the_documented_rule(site, monkeypatch) -> None:
-    site("zeta-dist", {"dup": "fake_z:ZDriver"}, "fake_z", _driver("fake_z", "ZDriver", "dup", "zeta-dist"))
-    site("alpha-dist", {"dup": "fake_al:ADriver"}, "fake_al", _driver("fake_al", "ADriver", "dup", "alpha-dist"))
+    site("zeta-dist", {"dup": "fake_z:ZDriver"}, "fake_z", _driver("ZDriver", "dup", "zeta-dist"))
+    site("alpha-dist", {"dup": "fake_al:ADriver"}, "fake_al", _driver("ADriver", "dup", "alpha-dist"))
     reg = DriverRegistry(GROUP)
     # No preference: the distribution whose name sorts first; the other is reported shadowed.
     assert reg.get_driver_class("dup").__name__ == "ADriver"
@@ -115,13 +115,13 @@ def test_duplicate_schemes_follow_the_documented_rule(site, monkeypatch) -> None
 
 
 def test_the_official_package_wins_a_shared_scheme(site) -> None:
-    site("aaa-tcp", {"tcp": "fake_aaa:ADriver"}, "fake_aaa", _driver("fake_aaa", "ADriver", "tcp", "aaa-tcp"))
-    site("sfm-driver-tcp", {"tcp": "fake_off:TDriver"}, "fake_off", _driver("fake_off", "TDriver", "tcp", "x"))
+    site("aaa-tcp", {"tcp": "fake_aaa:ADriver"}, "fake_aaa", _driver("ADriver", "tcp", "aaa-tcp"))
+    site("sfm-driver-tcp", {"tcp": "fake_off:TDriver"}, "fake_off", _driver("TDriver", "tcp", "x"))
     assert DriverRegistry(GROUP).get_driver_class("tcp").__name__ == "TDriver"
 
 
 def test_in_process_registration_wins_and_can_be_undone(site) -> None:
-    site("fake-a", {"foo": "fake_a:FooDriver"}, "fake_a", _driver("fake_a", "FooDriver", "foo", "fake-a"))
+    site("fake-a", {"foo": "fake_a:FooDriver"}, "fake_a", _driver("FooDriver", "foo", "fake-a"))
 
     class Mine(Driver):
         @staticmethod
@@ -151,7 +151,7 @@ def test_in_process_registration_wins_and_can_be_undone(site) -> None:
 
 
 def test_loading_a_driver_registers_its_module_as_a_plugin(site) -> None:
-    site("fake-a", {"foo": "fake_a:FooDriver"}, "fake_a", _driver("fake_a", "FooDriver", "foo", "fake-a"))
+    site("fake-a", {"foo": "fake_a:FooDriver"}, "fake_a", _driver("FooDriver", "foo", "fake-a"))
     cls = DriverRegistry(GROUP).get_driver_class("foo")
     module = sys.modules["fake_a"]
     assert get_plugin_manager().is_registered(module)
