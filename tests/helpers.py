@@ -107,6 +107,13 @@ class RawPeer:
     def hello(self, name: str, properties: dict | None = None) -> None:
         self.send_frame(FrameType.HELLO, payload=build_handshake(name, properties))
 
+    def handshake(self, name: str, properties: dict | None = None, timeout: float = 5.0):
+        """Send HELLO as ``name`` and return the READY that must answer it."""
+        self.hello(name, properties)
+        ready = self.read_frame(timeout)
+        assert ready.type == FrameType.READY, f"expected READY, got frame type {ready.type}"
+        return ready
+
     def read_frame(self, timeout: float = 5.0):
         self.sock.settimeout(timeout)
         while not self.frames:

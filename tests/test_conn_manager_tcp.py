@@ -295,8 +295,7 @@ def test_ping_is_answered_with_pong(managers) -> None:
     server = managers("server")
     url = listen(server)
     with RawPeer(url) as peer:
-        peer.hello("pinger")
-        peer.read_frame()
+        peer.handshake("pinger")
         peer.send_frame(FrameType.PING, stream_id=17, payload=b"\xc0", sequence=2)
         pong = peer.read_frame()
         assert pong.type == FrameType.PONG and bytes(pong.payload) == b"\xc0"
@@ -316,8 +315,7 @@ def test_a_malformed_frame_closes_only_that_connection(managers, bad: bytes, wha
     got = Collector()
     server.register_message_receiver(1, got)
     with RawPeer(server_url(server)) as peer:
-        peer.hello("vandal")
-        peer.read_frame()
+        peer.handshake("vandal")
         peer.send(bad)
         assert peer.is_closed_by_peer(), what
     client.send_message(to_server, 1, None, b"unaffected")  # the good connection keeps working
@@ -356,8 +354,7 @@ def test_a_peer_that_vanishes_mid_frame_affects_only_its_connection(managers, ca
     got = Collector()
     server.register_message_receiver(1, got)
     with RawPeer(server_url(server)) as peer:
-        peer.hello("flaky")
-        peer.read_frame()
+        peer.handshake("flaky")
         wait_ready(server, "flaky")
         frame = PREFIX.pack(16 + 1000, 0, 1, 0, 0, 1, 17, 2) + b"x" * 300
         peer.send(frame)  # 300 of 1000 payload bytes, then gone
@@ -482,8 +479,7 @@ def test_a_prefix_claiming_a_huge_frame_commits_no_memory(managers) -> None:
     peers = [RawPeer(url) for _ in range(4)]
     try:
         for i, peer in enumerate(peers):
-            peer.hello(f"greedy-{i}")
-            peer.read_frame()
+            peer.handshake(f"greedy-{i}")
             peer.send(PREFIX.pack(1 << 30, 0, 1, 0, 0, 1, 17, 2) + b"x" * 16)  # "1 GiB follows"
         time.sleep(0.5)
         grown = psutil.Process().memory_info().rss - rss
@@ -533,8 +529,7 @@ def test_heartbeat_checks_go_on_while_a_sender_is_blocked(managers) -> None:
     server.register_message_receiver(1, got)
     url = listen(server)
     with RawPeer(url) as slow:
-        slow.hello("sink")  # handshakes, then never reads: the server's sends to it block
-        slow.read_frame()
+        slow.handshake("sink")  # handshakes, then never reads: the server's sends to it block
         to_sink = wait_ready(server, "sink")
         blocked = threading.Thread(target=lambda: _swallow(server.send_message, to_sink, 1, None, b"x" * (64 << 20)))
         blocked.start()
@@ -560,10 +555,8 @@ def test_a_second_connection_with_the_same_name_replaces_the_first(managers) -> 
     server.add_endpoint_monitor(log)
     url = listen(server)
     with RawPeer(url) as old, RawPeer(url) as new:
-        old.hello("site-9")
-        old.read_frame()
-        new.hello("site-9")
-        new.read_frame()
+        old.handshake("site-9")
+        new.handshake("site-9")
         assert old.is_closed_by_peer()  # as NVFlare does: the newer connection wins
         assert server.get_connections("site-9")[0].conn.get_conn_properties()["peer_addr"] == (
             "{}:{}".format(*new.sock.getsockname())
@@ -579,8 +572,7 @@ def test_a_peer_that_has_ready_is_already_known(managers) -> None:
     url = listen(server)
     for i in range(30):
         with RawPeer(url) as peer:
-            peer.hello(f"site-{i}")
-            peer.read_frame()
+            peer.handshake(f"site-{i}")
             assert server.find_endpoint(f"site-{i}") is not None, f"site-{i} has READY but is unknown"
 
 
@@ -702,8 +694,7 @@ def test_a_slow_large_frame_is_not_taken_for_a_dead_peer(managers) -> None:
     server.register_message_receiver(1, got)
     url = listen(server)
     with RawPeer(url) as peer:
-        peer.hello("trickle")
-        peer.read_frame()
+        peer.handshake("trickle")
         payload = b"t" * (2 << 20)
         frame = PREFIX.pack(16 + len(payload), 0, 1, 0, 0, 1, 17, 2) + payload
         for i in range(0, len(frame), len(frame) // 12):  # 1.2 s in all, longer than 2 x 0.2 s
