@@ -101,6 +101,11 @@ class FrameReceiver(ABC):
         """Bytes of a frame not yet complete arrived: the peer is alive (a slow large frame
         must not look like a dead peer). Optional for drivers; cheap to call."""
 
+    def bytes_sent(self) -> None:
+        """A send that had to wait for the transport made progress: the peer is reading (a
+        slow receiver must not look like a dead peer). Optional for drivers; call it when
+        bytes leave after a wait, not on every send; cheap to call, from any thread."""
+
 
 class Connection(ABC):
     """One transport connection that carries whole frames.
@@ -163,6 +168,29 @@ class Connection(ABC):
         if receiver is None:
             raise CommError(CommError.NOT_READY, f"connection {self.name} has no frame receiver")
         receiver.process_frames(frames)
+
+    def send_urgent(self, frame: bytes) -> bool:
+        """Send a small control frame (PING, PONG) ahead of data frames still queued here.
+
+        Optional. A driver that queues frames before writing them (an event-loop driver)
+        implements it so a heartbeat never waits behind its queue: put ``frame`` out at the
+        next frame boundary, before queued data, even while another thread is blocked in
+        :meth:`send_frame`; never block; any thread. Return True if taken. The default
+        returns False, and the core then sends the frame with :meth:`send_frame` right after
+        the send in progress, which is the next frame boundary for a driver that writes
+        before ``send_frame`` returns.
+        """
+        return False
+
+    def drain(self, timeout: float) -> int:
+        """Wait up to ``timeout`` s until every frame :meth:`send_frame` accepted is handed to
+        the transport (the kernel); return how many are still waiting (0: all written).
+
+        The core calls it before closing on ``stop()`` and ``remove_endpoint()`` (the
+        linger), so a message ``send_message`` accepted is not dropped silently. The default
+        returns 0: right for a driver whose ``send_frame`` writes before it returns.
+        """
+        return 0
 
     def offered_extensions(self) -> Sequence[str]:
         """Protocol extensions this connection can use if the peer agrees (see wire doc)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import socket
 import subprocess
@@ -17,7 +18,20 @@ from sfm_core.handshake import build_handshake
 from sfm_core.url import parse_url
 
 
+#: Every timeout a test waits with is multiplied by this (a slow or loaded machine sets it
+#: higher, as websockets' suite does with WEBSOCKETS_TESTS_TIMEOUT_FACTOR). A timeout is a
+#: bound on waiting for an event, never a speed assertion.
+TIMEOUT_FACTOR = float(os.environ.get("SFM_TESTS_TIMEOUT_FACTOR", "1"))
+
+
+def scaled(seconds: float) -> float:
+    """``seconds`` times :data:`TIMEOUT_FACTOR`: how long a test may wait for an event."""
+    return seconds * TIMEOUT_FACTOR
+
+
 def wait_until(cond: Callable[[], Any], timeout: float = 5.0, what: str = "condition") -> Any:
+    """Poll ``cond`` until it is truthy (returning its value), for up to ``scaled(timeout)``."""
+    timeout = scaled(timeout)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = cond()
