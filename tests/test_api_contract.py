@@ -1,4 +1,4 @@
-"""The public API users expect (../shared/seed/conn_manager_api.txt), name by name."""
+"""The public API of NVFlare's ConnManager that sfm keeps, name by name."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Byte-level facts about NVFlare 2.9.0 over tcp://, checked with raw sockets.
 
-These pin down what /work/shared/docs/wire-protocol.md and FINDINGS.md say about
+These pin down what docs/wire-protocol.md and tests/interop/FINDINGS.md say about
 the real NVFlare, so a change of NVFlare version that breaks them is noticed.
 No sfm code is used: a raw socket plays the other side.
 """
