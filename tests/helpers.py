@@ -1,12 +1,18 @@
-"""Test helpers: waiting for conditions, collecting messages, and a raw-socket SFM peer."""
+"""Test helpers: waiting for conditions, collecting messages, and a raw-socket SFM peer.
+
+Every helper that takes a ``timeout`` scales it itself (:func:`scaled`): pass plain seconds.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import signal
 import socket
+import struct
 import subprocess
+import termios
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,7 +22,6 @@ from sfm_core import Endpoint, EndpointMonitor, EndpointState, Message, MessageR
 from sfm_core.frames import FrameDecoder, FrameType, decode_frame, encode_frame
 from sfm_core.handshake import build_handshake
 from sfm_core.url import parse_url
-
 
 #: Every timeout a test waits with is multiplied by this (a slow or loaded machine sets it
 #: higher, as websockets' suite does with WEBSOCKETS_TESTS_TIMEOUT_FACTOR). A timeout is a
@@ -60,7 +65,7 @@ class Collector(MessageReceiver):
 
     def process_message(self, endpoint: Endpoint, connection: Any, app_id: int, message: Message) -> None:
         if self.gate is not None:
-            self.gate.wait(30)
+            self.gate.wait(scaled(30))
         if self.delay:
             time.sleep(self.delay)
         payload = message.payload
@@ -83,8 +88,9 @@ class StateLog(EndpointMonitor):
 
 
 def closed_by_peer(sock: socket.socket, timeout: float = 5.0) -> bool:
-    """True once the other side closes ``sock`` (what arrives meanwhile is dropped)."""
-    sock.settimeout(timeout)
+    """True once the other side closes ``sock`` within ``scaled(timeout)`` (what arrives
+    meanwhile is dropped)."""
+    sock.settimeout(scaled(timeout))
     try:
         while sock.recv(65536):
             pass
@@ -95,12 +101,19 @@ def closed_by_peer(sock: socket.socket, timeout: float = 5.0) -> bool:
         return False
 
 
+def unread_bytes(sock: socket.socket | int) -> int:
+    """Bytes that arrived on a TCP socket (or descriptor) and were not read yet (FIONREAD)."""
+    fd = sock if isinstance(sock, int) else sock.fileno()
+    return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+
+
 class RawPeer:
     """A bare TCP socket speaking SFM through the sans-I/O codec (for bad-input tests)."""
 
     def __init__(self, url: str, timeout: float = 5.0) -> None:
         params = parse_url(url)
-        self.sock = socket.create_connection((params.get("host", "127.0.0.1"), params["port"]), timeout=timeout)
+        address = (params.get("host", "127.0.0.1"), params["port"])
+        self.sock = socket.create_connection(address, timeout=scaled(timeout))
         self.decoder = FrameDecoder()
         self.frames: list = []
 
@@ -129,7 +142,8 @@ class RawPeer:
         return ready
 
     def read_frame(self, timeout: float = 5.0):
-        self.sock.settimeout(timeout)
+        """The next frame, waiting up to ``scaled(timeout)`` for it (``TimeoutError`` if none)."""
+        self.sock.settimeout(scaled(timeout))
         while not self.frames:
             data = self.sock.recv(65536)
             if not data:
@@ -165,7 +179,7 @@ def serving(argv: list[str]) -> Iterator[tuple[subprocess.Popen, str]]:
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(10)
+            proc.wait(scaled(10))
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()

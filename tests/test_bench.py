@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers import scaled
 
 from sfm_core.bench.runner import Result, add_ratios, best_rows
 
@@ -44,7 +45,7 @@ def test_bench_quick_over_tcp_writes_the_documented_json(tmp_path) -> None:
         [sys.executable, "-m", "sfm_core.cli", "bench", "--quick", "--schemes", "tcp", "--json", str(out)],
         capture_output=True,
         text=True,
-        timeout=180,
+        timeout=scaled(180),
     )
     assert proc.returncode == 0, proc.stderr
     assert "[1/" in proc.stderr  # progress on stderr, the table on stdout
@@ -62,6 +63,9 @@ def test_bench_quick_over_tcp_writes_the_documented_json(tmp_path) -> None:
 
 def test_bench_refuses_a_repeat_below_one() -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "sfm_core.cli", "bench", "--repeat", "0"], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "sfm_core.cli", "bench", "--repeat", "0"],
+        capture_output=True,
+        text=True,
+        timeout=scaled(60),
     )
     assert proc.returncode != 0 and "--repeat must be at least 1" in proc.stderr

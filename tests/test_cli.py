@@ -8,13 +8,17 @@ import subprocess
 import sys
 
 import pytest
-from helpers import serving, wait_until
+from helpers import scaled, serving, wait_until
 
 SFM = [sys.executable, "-m", "sfm_core.cli"]
 
 
 def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([*SFM, *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([*SFM, *args], capture_output=True, text=True, timeout=scaled(timeout))
+
+
+#: ``sfm ping --timeout``: how long it waits for the handshake (its own default is 5 s).
+HANDSHAKE_WAIT = str(scaled(5))
 
 
 @pytest.fixture
@@ -26,7 +30,7 @@ def echo_server():
 
 def test_ping_against_serve_echo(echo_server) -> None:
     proc, url = echo_server
-    out = run("ping", url, "--name", "pinger", "--count", "20", "--size", "1000")
+    out = run("ping", url, "--name", "pinger", "--count", "20", "--size", "1000", "--timeout", HANDSHAKE_WAIT)
     assert out.returncode == 0, out.stderr
     assert "connected to echo-srv" in out.stdout
     assert "peer_addr" in out.stdout
@@ -59,18 +63,18 @@ def test_ping_a_peer_that_does_not_echo_times_out_clearly() -> None:
     proc = subprocess.Popen([*SFM, "serve", "tcp://127.0.0.1:0", "--name", "quiet"], stdout=subprocess.PIPE, text=True)
     try:
         url = proc.stdout.readline().rsplit(" ", 1)[1].strip()
-        out = run("ping", url, "--name", "pinger", "--count", "1", timeout=60)
+        out = run("ping", url, "--name", "pinger", "--count", "1", "--timeout", HANDSHAKE_WAIT, timeout=60)
         assert out.returncode == 1
         assert "no echo from quiet" in out.stderr
     finally:
         proc.terminate()
-        proc.wait(10)
+        proc.wait(scaled(10))
         proc.stdout.close()
 
 
 def test_demo_shows_drivers_and_messages_flowing() -> None:
     env = dict(os.environ, SFM_DEMO_SCHEMES="tcp")
-    out = subprocess.run([*SFM, "demo"], capture_output=True, text=True, timeout=120, env=env)
+    out = subprocess.run([*SFM, "demo"], capture_output=True, text=True, timeout=scaled(120), env=env)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "Drivers discovered through entry points:" in out.stdout
     assert "tcp    sfm-driver-tcp" in out.stdout

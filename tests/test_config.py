@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import Collector, wait_ready
+from helpers import Collector, scaled, wait_ready
 
 from sfm_core import CommError, ConnManager, Endpoint, Mode
 from sfm_core.config import load_config
@@ -44,7 +44,7 @@ def test_a_config_builds_the_endpoint_it_describes(tmp_path: Path) -> None:
     client = ConnManager(Endpoint("site-1"))
     try:
         manager.start()
-        url = manager.wait_listening(handle)
+        url = manager.wait_listening(handle, scaled(10))
         assert manager.max_frame_size == 1048576 and manager.heartbeat_interval == 30
         assert manager.get_connector(handle).params["send_timeout"] == 5
         client.add_connector(url, {}, Mode.ACTIVE)

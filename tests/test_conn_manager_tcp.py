@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import socket
 import sys
 import threading
 import time
 
+import psutil
 import pytest
-from helpers import Collector, RawPeer, StateLog, wait_ready, wait_until
+from helpers import Collector, RawPeer, StateLog, scaled, unread_bytes, wait_ready, wait_until
 
 from sfm_core import (
     CommError,
@@ -40,7 +42,7 @@ def managers():
 def listen(manager: ConnManager, url: str = "tcp://127.0.0.1:0") -> str:
     handle = manager.add_connector(url, {}, Mode.PASSIVE)
     manager.start()
-    return manager.wait_listening(handle, 5)
+    return manager.wait_listening(handle, scaled(5))
 
 
 def server_url(manager: ConnManager) -> str:
@@ -223,8 +225,9 @@ def test_remove_endpoint_and_remove_connector(managers) -> None:
     server = managers("server")
     handle = server.add_connector("tcp://127.0.0.1:0", {}, Mode.PASSIVE)
     server.start()
-    url = server.wait_listening(handle)
-    client = managers("site-1", reconnect_min=5, reconnect_max=5)
+    url = server.wait_listening(handle, scaled(10))
+    # No reconnect before the removal has been seen (the wait below is scaled too).
+    client = managers("site-1", reconnect_min=scaled(5), reconnect_max=scaled(5))
     client.add_connector(url, {}, Mode.ACTIVE)
     client.start()
     wait_ready(server, "site-1")
@@ -382,7 +385,7 @@ def test_listening_on_a_busy_port_reports_the_error(managers) -> None:
     handle = second.add_connector(url, {}, Mode.PASSIVE)
     second.start()
     with pytest.raises(CommError, match="cannot listen on 127.0.0.1"):
-        second.wait_listening(handle, 5)
+        second.wait_listening(handle, scaled(5))
 
 
 def test_slow_receiver_slows_the_sender_instead_of_growing_memory(managers) -> None:
@@ -400,12 +403,18 @@ def test_slow_receiver_slows_the_sender_instead_of_growing_memory(managers) -> N
 
     t = threading.Thread(target=sender)
     t.start()
-    time.sleep(1.5)
-    # Unchecked, all 400 go out in well under a second. Held back, only what the kernel's
-    # socket buffers and the 1 MiB receive queue take (a few MiB) is sent.
+
+    def held_back() -> bool:
+        before = len(sent)
+        time.sleep(scaled(0.25))  # a window in which an unchecked sender sends dozens
+        return t.is_alive() and len(sent) == before
+
+    # Unchecked, all 400 go out and the sender ends. Held back, it stops (alive) once the
+    # kernel's socket buffers and the 1 MiB receive queue are full: a few MiB.
+    wait_until(held_back, timeout=10, what="the sender to be held back (alive, sending nothing more)")
     assert len(sent) < 80, f"sender was not held back ({len(sent)} of 400 sent)"
     got.gate.set()
-    t.join(30)
+    t.join(scaled(30))
     msgs = got.wait_for(400, timeout=30)
     assert [m[2]["i"] for m in msgs] == list(range(400))
 
@@ -427,7 +436,7 @@ def test_a_slow_receiver_holds_only_its_own_connection(managers) -> None:
     class Router(Collector):
         def process_message(self, endpoint, connection, app_id, message) -> None:
             if endpoint.name == "slow":
-                gate.wait(30)  # this receiver is stuck ...
+                gate.wait(scaled(30))  # this receiver is stuck ...
             else:
                 fast_got.append(bytes(message.payload))
 
@@ -465,14 +474,19 @@ def test_a_send_that_times_out_half_way_closes_the_connection_and_corrupts_nothi
     got.gate.set()
     # Part of that frame went out, so the connection was closed; a new one carries on.
     wait_until(lambda: client.get_connections("server") != [first_conn], timeout=10, what="old connection closed")
-    client.send_message(client.wait_for_endpoint("server"), 1, None, b"after")
+    client.send_message(client.wait_for_endpoint("server", timeout=scaled(10)), 1, None, b"after")
     msgs = got.wait_for(2)
     assert [m[3] for m in msgs] == [b"first", b"after"]  # the cut frame never became a message
 
 
-def test_a_prefix_claiming_a_huge_frame_commits_no_memory(managers) -> None:
-    import psutil
+def _read_by_server(peer: RawPeer) -> bool:
+    """True once the server (in this process) has read everything ``peer`` sent it."""
+    me = peer.sock.getsockname()
+    fds = [c.fd for c in psutil.Process().net_connections("tcp") if c.raddr == me and c.fd != -1]
+    return bool(fds) and unread_bytes(fds[0]) == 0
 
+
+def test_a_prefix_claiming_a_huge_frame_commits_no_memory(managers) -> None:
     server = managers("server")
     url = listen(server)
     rss = psutil.Process().memory_info().rss
@@ -481,7 +495,9 @@ def test_a_prefix_claiming_a_huge_frame_commits_no_memory(managers) -> None:
         for i, peer in enumerate(peers):
             peer.handshake(f"greedy-{i}")
             peer.send(PREFIX.pack(1 << 30, 0, 1, 0, 0, 1, 17, 2) + b"x" * 16)  # "1 GiB follows"
-        time.sleep(0.5)
+        for peer in peers:
+            wait_until(lambda peer=peer: _read_by_server(peer), what="the server to read the huge prefix")
+        time.sleep(scaled(0.5))  # time for a buffer sized from the prefix to be touched, if it were
         grown = psutil.Process().memory_info().rss - rss
         assert grown < 64 << 20, f"RSS grew by {grown >> 20} MiB for 4 x 32 bytes"
     finally:
@@ -533,13 +549,13 @@ def test_heartbeat_checks_go_on_while_a_sender_is_blocked(managers) -> None:
         to_sink = wait_ready(server, "sink")
         blocked = threading.Thread(target=lambda: _swallow(server.send_message, to_sink, 1, None, b"x" * (64 << 20)))
         blocked.start()
-        time.sleep(0.3)
+        # 64 MiB cannot fit in the socket buffers: once some arrived, the send is stuck.
+        wait_until(lambda: unread_bytes(slow.sock) > 0, what="the send to the sink to start")
+        assert blocked.is_alive()
         with RawPeer(url) as mute:  # never handshakes: must still be closed on time
-            t0 = time.monotonic()
-            assert mute.is_closed_by_peer(timeout=5)
-            assert time.monotonic() - t0 < 2.0
+            assert mute.is_closed_by_peer(timeout=2.0)
     server.stop()
-    blocked.join(10)
+    blocked.join(scaled(10))
 
 
 def _swallow(fn, *args) -> None:
@@ -610,12 +626,12 @@ def _eager_senders(server: ConnManager, url: str) -> None:
                 peer.hello(name)
                 # Generous timeouts: with a tiny switch interval, a busy machine crawls.
                 assert peer.read_frame(timeout=20).type == FrameType.READY
-                sender.join(20)
+                sender.join(scaled(20))
                 assert not errors, errors[0]
                 assert peer.read_frame(timeout=20).payload == b"first"
         finally:
             stop.set()
-            sender.join(5)
+            sender.join(scaled(5))
 
 
 def test_non_byte_memoryview_payloads_are_sent_whole(managers) -> None:
@@ -645,7 +661,7 @@ def test_bad_driver_params_are_reported_by_name(managers, query: str, error: str
     handle = m.add_connector(f"tcp://127.0.0.1:0?{query}", {}, Mode.PASSIVE)
     m.start()
     with pytest.raises(CommError, match=error):
-        m.wait_listening(handle, 5)
+        m.wait_listening(handle, scaled(5))
 
 
 @pytest.mark.parametrize("gather_us", [0, 50, 2000])
@@ -672,11 +688,11 @@ def test_a_driver_instance_is_not_reused_after_shutdown(managers) -> None:
     m = managers("server")
     handle = m.add_connector(driver, {"host": "127.0.0.1", "port": 0}, Mode.PASSIVE)
     m.start()
-    m.wait_listening(handle)
+    m.wait_listening(handle, scaled(10))
     m.remove_connector(handle)
     handle = m.add_connector(driver, {"host": "127.0.0.1", "port": 0}, Mode.PASSIVE)
     with pytest.raises(CommError, match="use a new driver instance"):
-        m.wait_listening(handle, 5)
+        m.wait_listening(handle, scaled(5))
 
 
 def test_a_first_frame_too_large_for_a_handshake_is_refused(managers, caplog) -> None:
@@ -689,7 +705,8 @@ def test_a_first_frame_too_large_for_a_handshake_is_refused(managers, caplog) ->
 
 
 def test_a_slow_large_frame_is_not_taken_for_a_dead_peer(managers) -> None:
-    server = managers("server", heartbeat_interval=0.2, heartbeat_check=0.05, dead_after=2)
+    # Every duration scaled alike: the gaps stay well inside the dead window, the whole well beyond it.
+    server = managers("server", heartbeat_interval=scaled(0.2), heartbeat_check=scaled(0.05), dead_after=2)
     got = Collector()
     server.register_message_receiver(1, got)
     url = listen(server)
@@ -697,10 +714,15 @@ def test_a_slow_large_frame_is_not_taken_for_a_dead_peer(managers) -> None:
         peer.handshake("trickle")
         payload = b"t" * (2 << 20)
         frame = PREFIX.pack(16 + len(payload), 0, 1, 0, 0, 1, 17, 2) + payload
-        for i in range(0, len(frame), len(frame) // 12):  # 1.2 s in all, longer than 2 x 0.2 s
+        for i in range(0, len(frame), len(frame) // 12):  # 12 x 0.1 s in all, longer than 2 x 0.2 s
             peer.send(frame[i : i + len(frame) // 12])
-            time.sleep(0.1)
+            time.sleep(scaled(0.1))
         assert got.wait_for(1)[0][3] == payload
+
+
+def _tcp_state(sock: socket.socket) -> int:
+    """The kernel's TCP state of one of our sockets (TCP_INFO's first byte: 1 established)."""
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]
 
 
 def test_stop_does_not_wait_for_a_hanging_connect(managers) -> None:
@@ -716,14 +738,26 @@ def test_stop_does_not_wait_for_a_hanging_connect(managers) -> None:
             s.setblocking(False)
             s.connect_ex(ls.getsockname())
             fill.append(s)
-        time.sleep(0.1)
+        # With a backlog of 0, one established connection waiting in the queue fills it.
+        wait_until(lambda: any(_tcp_state(s) == 1 for s in fill), what="the accept queue to fill")
         client = managers("site-1")
-        client.add_connector(f"tcp://127.0.0.1:{ls.getsockname()[1]}?connect_timeout=8", {}, Mode.ACTIVE)
+        # The connect timeout, far above the wait for stop() below, at any factor.
+        url = f"tcp://127.0.0.1:{ls.getsockname()[1]}?connect_timeout={scaled(8)}"
+        client.add_connector(url, {}, Mode.ACTIVE)
         client.start()
-        time.sleep(0.3)  # the connect is now hanging
-        t0 = time.monotonic()
-        client.stop()
-        assert time.monotonic() - t0 < 2.0
+        ours = {s.fileno() for s in fill}
+
+        def connect_hangs() -> bool:
+            return any(
+                c.raddr == ls.getsockname() and c.status == psutil.CONN_SYN_SENT and c.fd not in ours
+                for c in psutil.Process().net_connections("tcp")
+            )
+
+        wait_until(connect_hangs, what="the client's connect to hang (SYN_SENT)")
+        stopper = threading.Thread(target=client.stop)
+        stopper.start()
+        stopper.join(scaled(2.0))
+        assert not stopper.is_alive(), "stop() waited for the hanging connect"
         assert not [t for t in threading.enumerate() if t.name.startswith("sfm-active")]
     finally:
         for s in fill:

@@ -8,6 +8,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from helpers import scaled
 
 from sfm_core import CommError, Driver, DriverRegistry, get_plugin_manager
 
@@ -175,7 +176,7 @@ def test_listing_schemes_imports_no_driver_and_resolving_imports_only_that_one()
         print("ok")
         """
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=scaled(60))
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
     out = subprocess.run([sys.executable, "-m", "sfm_core.cli", "drivers"], capture_output=True, text=True)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import signal
 import sys
 
+import psutil
 import pytest
-from helpers import RawPeer, serving
+from helpers import RawPeer, scaled, serving, wait_until
 
 from sfm_core import FrameType
 
@@ -37,15 +38,25 @@ def _answered(peer: RawPeer, timeout: float) -> bool:
         return False
 
 
+def _accepted(server: psutil.Process, peers: list[RawPeer]) -> list[RawPeer]:
+    """The peers whose connection the server process has accepted (it holds a socket to them)."""
+    remote = {c.raddr for c in server.net_connections("tcp") if c.raddr}
+    return [p for p in peers if p.sock.getsockname() in remote]
+
+
 def test_a_listener_out_of_descriptors_keeps_its_peers_and_recovers(starved_server) -> None:
     proc, url = starved_server
+    server = psutil.Process(proc.pid)
     peers = [RawPeer(url) for _ in range(FD_LIMIT + 6)]  # the kernel queues what it can't accept
     try:
         for i, peer in enumerate(peers):
             peer.hello(f"site-{i}")
-        answered = [p for p in peers if _answered(p, 2.0 if p is peers[0] else 0.3)]
+        # Every descriptor in use: the server has accepted all it can; the rest wait in the queue.
+        wait_until(lambda: server.num_fds() >= FD_LIMIT, what=f"the server to use all {FD_LIMIT} descriptors")
+        answered = _accepted(server, peers)
         waiting = [p for p in peers if p not in answered]
-        assert answered and waiting, f"{len(answered)} of {len(peers)} answered under a limit of {FD_LIMIT} files"
+        assert answered and waiting, f"{len(answered)} of {len(peers)} accepted under a limit of {FD_LIMIT} files"
+        assert all(_answered(p, 5.0) for p in answered)  # each accepted peer gets its READY
         # The served peers are unaffected: they still get answers (a PING gets its PONG).
         answered[0].send_frame(FrameType.PING, payload=b"\xc0")  # msgpack nil, as NVFlare sends
         assert answered[0].read_frame(5).type == FrameType.PONG
@@ -58,7 +69,7 @@ def test_a_listener_out_of_descriptors_keeps_its_peers_and_recovers(starved_serv
         for peer in peers:
             peer.close()
     proc.send_signal(signal.SIGTERM)
-    proc.wait(10)
+    proc.wait(scaled(10))
     err = proc.stderr.read()
     assert "accept failed" in err and "Too many open files" in err, err
     assert err.count("accept failed") <= 3, "the warning is rate-limited, not one per retry"

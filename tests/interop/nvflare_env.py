@@ -33,6 +33,8 @@ NVFLARE_REQUIREMENT = f"nvflare=={NVFLARE_VERSION}"
 MARKER_NAME = ".sfm-nvflare-ok"
 IMPORT_CHECK = "import nvflare.fuel.f3.communicator"
 _TAIL_CHARS = 4000
+#: As ``helpers.TIMEOUT_FACTOR`` (this module also runs alone, without the tests' imports).
+_TIMEOUT_FACTOR = float(os.environ.get("SFM_TESTS_TIMEOUT_FACTOR", "1"))
 
 
 def venv_dir() -> pathlib.Path:
@@ -66,6 +68,7 @@ def _tail(text: str) -> str:
 
 
 def _run(cmd: list[str], what: str, timeout: float) -> None:
+    timeout *= _TIMEOUT_FACTOR
     try:
         proc = subprocess.run(
             cmd,

@@ -270,7 +270,9 @@ def main() -> int:
                 done.set()
 
         threading.Thread(target=run, name="stopper", daemon=True).start()
-        clean = done.wait(float(c.get("timeout", 10.0)))
+        # The tests' SFM_TESTS_TIMEOUT_FACTOR (inherited) scales this wait as it does theirs.
+        factor = float(os.environ.get("SFM_TESTS_TIMEOUT_FACTOR", "1"))
+        clean = done.wait(float(c.get("timeout", 10.0)) * factor)
         if errors:
             raise RuntimeError(errors[0])
         return {"clean": clean}

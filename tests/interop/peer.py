@@ -31,6 +31,7 @@ import pathlib
 import queue
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -40,6 +41,10 @@ from typing import Any
 import json_tags
 
 HERE = pathlib.Path(__file__).resolve().parent
+if str(HERE.parent) not in sys.path:  # tests/helpers.py
+    sys.path.append(str(HERE.parent))
+from helpers import scaled  # noqa: E402  (every timeout below is scaled where it is used)
+
 PEER_SCRIPT = HERE / "nvflare_peer.py"
 
 _EOF = object()
@@ -243,6 +248,7 @@ class NvflarePeer:
             ]
 
     def _wait_event(self, pred, timeout: float, what: str, start: int = 0) -> dict:
+        timeout = scaled(timeout)
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
@@ -269,6 +275,7 @@ class NvflarePeer:
     def wait_for_messages(self, n: int, timeout: float = 15.0) -> list:
         """Wait until ``n`` not yet returned messages are there; return them (in arrival
         order, which NVFlare does not keep equal to send order) and consume them."""
+        timeout = scaled(timeout)
         deadline = time.monotonic() + timeout
         with self._cond:
             while len(self._messages) - self._msg_cursor < n:
@@ -292,7 +299,7 @@ class NvflarePeer:
         """Send one command, return its reply; raise NvflarePeerError unless ok."""
         if self._closed or self.proc is None:
             raise NvflarePeerError(f"nvflare peer {self.name!r} is closed")
-        timeout = self.command_timeout if timeout is None else timeout
+        timeout = scaled(self.command_timeout if timeout is None else timeout)
         with self._cmd_lock:
             self._cmd_id += 1
             cid = self._cmd_id
@@ -377,7 +384,7 @@ class NvflarePeer:
             return
         self.command("stop", timeout=timeout)
         try:
-            self.proc.wait(timeout)
+            self.proc.wait(scaled(timeout))
         except subprocess.TimeoutExpired:
             raise self._error("did not exit after stop") from None
 
@@ -396,7 +403,7 @@ class NvflarePeer:
                 if proc.poll() is None:
                     proc.kill()
                 try:
-                    proc.wait(10)
+                    proc.wait(scaled(10))
                 except subprocess.TimeoutExpired:
                     pass
             self._closed = True
@@ -406,7 +413,7 @@ class NvflarePeer:
                 except OSError:
                     pass
             if self._reader is not None:
-                self._reader.join(10)
+                self._reader.join(scaled(10))
             if proc is not None and proc.stdout is not None:
                 proc.stdout.close()
         finally:

@@ -12,7 +12,7 @@ import pytest
 from sfm_core import ConnManager, Endpoint, EndpointState, Mode
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from helpers import Collector, wait_ready
+from helpers import Collector, scaled, wait_ready, wait_until
 
 MIB = 1024 * 1024
 HEADERS = {"s": "text é", "i": 42, "neg": -7, "b": b"\x00\x01\xff", "l": [1, "two", b"\x03"], "d": {"k": "v", "n": 1}}
@@ -90,7 +90,7 @@ def test_sfm_listens_nvflare_connects(nvflare_peer_factory):
     h = sfm.add_connector("grpc://127.0.0.1:0", {}, Mode.PASSIVE)
     sfm.start()
     try:
-        url = sfm.wait_listening(h)
+        url = sfm.wait_listening(h, scaled(10))
         nv = nvflare_peer_factory("site-1", app_ids=[1], properties={"role": "nv"}, heartbeat=0.5)
         nv.add_connector(url, "active")
         nv.start()
@@ -100,10 +100,8 @@ def test_sfm_listens_nvflare_connects(nvflare_peer_factory):
         _heartbeats_answered(sfm, "site-1")
         nv.stop()
         ep = sfm.find_endpoint("site-1")
-        deadline = time.monotonic() + 10
-        while ep is not None and ep.state == EndpointState.READY and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert ep is None or ep.state != EndpointState.READY  # NVFlare's stop ends our connection
+        # NVFlare's stop ends our connection.
+        wait_until(lambda: ep is None or ep.state != EndpointState.READY, timeout=10, what="site-1 no longer READY")
     finally:
         sfm.stop()
 

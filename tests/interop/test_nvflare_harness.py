@@ -12,6 +12,7 @@ import os
 import threading
 
 import pytest
+from helpers import scaled
 from peer import NvflarePeer, NvflarePeerError, free_port
 
 MIB = 1024 * 1024
@@ -154,7 +155,7 @@ def test_dead_process_is_reported(nvflare_python):
     p = NvflarePeer("doomed", python=nvflare_python)
     try:
         p.proc.kill()
-        p.proc.wait(10)
+        p.proc.wait(scaled(10))
         with pytest.raises(NvflarePeerError, match="exited with"):
             p.wait_for_messages(1, timeout=5)
         with pytest.raises(NvflarePeerError):

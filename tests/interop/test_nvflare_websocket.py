@@ -10,7 +10,7 @@ import time
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/helpers.py
-from helpers import Collector, wait_ready, wait_until
+from helpers import Collector, scaled, wait_ready, wait_until
 
 from sfm_core import ConnManager, Endpoint, EndpointState, FrameReceiver, Mode
 from sfm_core.frames import FrameType, decode_frame
@@ -27,6 +27,8 @@ HEADERS = {
     "d": {"k": "v", "n": 1, "raw": b"\xfe"},
 }
 BIG = 5 * MIB
+#: Both sides' heartbeat interval, scaled as the waits are (a slow machine stretches the test).
+HEARTBEAT = scaled(0.5)
 # NVFlare's active http side (aiohttp client default) drops messages over 4 MiB: what we send to it.
 BIG_TO_NVFLARE_CLIENT = 4 * MIB - 64 * 1024
 
@@ -116,7 +118,7 @@ def _check_heartbeat(ours: ConnManager, nv, our_name: str, nv_name: str) -> None
         what=f"PING and PONG both ways (received {spy.types}, sent {sent})",
     )
     assert FrameType.PING in sent
-    time.sleep(1.0)
+    time.sleep(scaled(1.0))
     # The connection stayed up through the silence on both sides.
     assert ours.find_endpoint(nv_name).state == EndpointState.READY
     assert len(nv.state_events(our_name)) == downs_before
@@ -124,14 +126,14 @@ def _check_heartbeat(ours: ConnManager, nv, our_name: str, nv_name: str) -> None
 
 
 def _ours(name: str) -> tuple[ConnManager, Collector]:
-    cm = ConnManager(Endpoint(name, {"role": "sfm", "blob": b"\x01\x02"}), heartbeat_interval=0.5)
+    cm = ConnManager(Endpoint(name, {"role": "sfm", "blob": b"\x01\x02"}), heartbeat_interval=HEARTBEAT)
     col = Collector()
     cm.register_message_receiver(1, col)
     return cm, col
 
 
 def test_nvflare_listener_sfm_connector(nvflare_peer_factory):
-    nv = nvflare_peer_factory("server", app_ids=[1], properties={"role": "nv", "n": 7}, heartbeat=0.5)
+    nv = nvflare_peer_factory("server", app_ids=[1], properties={"role": "nv", "n": 7}, heartbeat=HEARTBEAT)
     url = nv.listen("http")
     nv.start()
     ours, col = _ours("site-1")
@@ -152,9 +154,9 @@ def test_sfm_listener_nvflare_connector(nvflare_peer_factory):
     try:
         h = ours.add_connector("http://127.0.0.1:0", {}, Mode.PASSIVE)
         ours.start()
-        url = ours.wait_listening(h)
+        url = ours.wait_listening(h, scaled(10))
         assert url.startswith("http://127.0.0.1:")
-        nv = nvflare_peer_factory("site-1", app_ids=[1], properties={"role": "nv", "n": 7}, heartbeat=0.5)
+        nv = nvflare_peer_factory("site-1", app_ids=[1], properties={"role": "nv", "n": 7}, heartbeat=HEARTBEAT)
         nv.add_connector(url, "active")
         nv.start()
         wait_ready(ours, "site-1", 15)
