@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -11,10 +13,12 @@ import time
 
 import psutil
 import pytest
-from helpers import Collector, closed_by_peer, wait_ready, wait_until
+from helpers import Collector, closed_by_peer, scaled, wait_ready, wait_until
+from websockets.frames import apply_mask
 
 from sfm_core import CommError, ConnectorInfo, ConnManager, Endpoint, EndpointState, Mode
-from sfm_core.frames import FrameType, encode_frame
+from sfm_core.driver import FrameReceiver
+from sfm_core.frames import FrameType, decode_frame, encode_frame
 from sfm_core.handshake import build_handshake
 from sfm_core.url import parse_url
 
@@ -775,3 +779,249 @@ def test_slow_upgrade_raises_commerror_timeout_within_connect_timeout():
         assert time.monotonic() - t0 < 1.5
     finally:
         fake.close()
+
+
+# -- urgent control frames, drain, frames dropped unsent --------------------------------------
+
+URGENT = b"".join(encode_frame(FrameType.PING, 0, 999, None, b"\xc0"))  # stream 999: ours, not the core's
+DATA_SIZE = 100_000
+
+
+class CountingReceiver(FrameReceiver):
+    """Counts ``bytes_sent`` calls; hands frames on to ``inner`` (the core's receiver) if given."""
+
+    def __init__(self, inner: FrameReceiver | None = None) -> None:
+        self.inner = inner
+        self.sent = 0
+
+    def process_frame(self, frame) -> None:
+        if self.inner is not None:
+            self.inner.process_frame(frame)
+
+    def process_frames(self, frames) -> None:
+        if self.inner is not None:
+            self.inner.process_frames(frames)
+
+    def bytes_received(self) -> None:
+        if self.inner is not None:
+            self.inner.bytes_received()
+
+    def bytes_sent(self) -> None:
+        self.sent += 1
+
+
+class WsFrames:
+    """Reads the WebSocket frames a peer sent to a raw socket (unmasking them) as SFM frame labels."""
+
+    def __init__(self, sock: socket.socket, buf: bytes = b"") -> None:
+        self.sock = sock
+        self.buf = bytearray(buf)
+
+    def _need(self, k: int) -> bytes:
+        while len(self.buf) < k:
+            chunk = self.sock.recv(1 << 20)
+            if not chunk:
+                raise ConnectionError("closed")
+            self.buf += chunk
+        out = bytes(self.buf[:k])
+        del self.buf[:k]
+        return out
+
+    def next_label(self) -> int | str:
+        """The next frame: the ``i`` header of a DATA frame, ``"urgent"`` for ours, or the opcode name."""
+        b0, b1 = self._need(2)
+        n = b1 & 0x7F
+        if n == 126:
+            (n,) = struct.unpack("!H", self._need(2))
+        elif n == 127:
+            (n,) = struct.unpack("!Q", self._need(8))
+        key = self._need(4) if b1 & 0x80 else None
+        data = self._need(n)
+        if key is not None:
+            data = apply_mask(data, key)
+        if b0 & 0x0F != 0x2:
+            return f"opcode {b0 & 0x0F}"
+        frame = decode_frame(data)
+        if frame.type == FrameType.PING and frame.stream_id == 999:
+            return "urgent"
+        return frame.headers["i"] if frame.type == FrameType.DATA else f"type {frame.type}"
+
+
+@contextlib.contextmanager
+def _stalled_peer(managers, side: str, **params):
+    """One connection of ours (the active or the passive side) to a raw peer that reads nothing
+    until the test does; yields the connection, a WsFrames on the peer's socket and a
+    CountingReceiver registered on the connection."""
+    params = {"high_water": str(256 * 1024), "send_timeout": "30", "close_timeout": "0.5", **params}
+    if side == "client":
+        fake = FakeWsServer()
+        socks: list = []
+        fake.run(lambda: socks.append(fake.accept_upgrade(rcvbuf=65536)))
+        driver = WebSocketDriver()
+        t, conns, _ = _connect_in_thread(driver, {"host": "127.0.0.1", "port": fake.port, **params})
+        try:
+            wait_until(lambda: conns and socks, what="connected")
+            conn = conns[0]
+            rx = CountingReceiver()
+            conn.register_frame_receiver(rx)
+            yield conn, WsFrames(socks[0]), rx
+        finally:
+            driver.shutdown()
+            fake.close()
+            t.join(scaled(10))
+    else:
+        server, url, _ = serve(managers, params=params)
+        ws = RawWs(url)
+        try:
+            ws.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+            ws.hello("raw-1")
+            assert ws.recv_frame()[0] == 0x2  # READY
+            wait_until(lambda: server.get_connections("raw-1"), what="raw-1 connected")
+            conn = server.get_connections("raw-1")[0].conn
+            rx = CountingReceiver(conn.frame_receiver)
+            conn.register_frame_receiver(rx)
+            yield conn, WsFrames(ws.sock, ws.buf), rx
+        finally:
+            ws.close()
+
+
+class BlockedSender:
+    """A thread sending 100 kB DATA frames (header ``i``) on ``conn`` until told to stop."""
+
+    def __init__(self, conn) -> None:
+        self.conn = conn
+        self.sent: list[int] = []
+        self.errors: list[BaseException] = []
+        self.stop = threading.Event()
+        self.sending = False  # inside send_frame
+        self.thread = threading.Thread(target=self._run, name="test-sender")
+        self.thread.start()
+
+    def _run(self) -> None:
+        i = 0
+        try:
+            while not self.stop.is_set():
+                frame = list(encode_frame(FrameType.DATA, 1, 17, {"i": i}, bytes(DATA_SIZE)))
+                self.sending = True
+                self.conn.send_frame(frame)
+                self.sending = False
+                self.sent.append(i)
+                i += 1
+        except CommError as e:
+            self.errors.append(e)
+
+    def _blocked(self) -> bool:
+        # Writing paused (the transport buffer is above high water, the peer reads nothing) and the
+        # queue too full for the next frame: the sender waits in send_frame until the peer reads.
+        conn = self.conn
+        full = conn._queue and conn._queued_bytes + DATA_SIZE > conn.high_water
+        return bool(conn._write_paused and full and self.sending)
+
+    def wait_blocked(self) -> tuple[int, int]:
+        """Wait until the sender waits in send_frame above high water; (frames accepted, frames queued)."""
+        wait_until(lambda: self._blocked() or self.errors, 20, "sender blocked above high water")
+        assert not self.errors, self.errors
+        with self.conn._lock:
+            assert self._blocked()
+            return len(self.sent), len(self.conn._queue)
+
+    def read_all(self, peer: WsFrames) -> list:
+        """Stop sending, then read at the peer every frame sent (and whatever else came)."""
+        self.stop.set()
+        peer.sock.settimeout(scaled(10))
+        labels: list = []
+        while True:
+            if sum(1 for x in labels if isinstance(x, int)) >= len(self.sent):
+                # Everything accepted so far is read: the sender is not waiting for room.
+                self.thread.join(scaled(10))
+                assert not self.thread.is_alive()
+                if sum(1 for x in labels if isinstance(x, int)) >= len(self.sent):
+                    return labels
+            labels.append(peer.next_label())
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(scaled(10))
+
+
+@pytest.mark.parametrize("side", ["client", "server"])
+def test_urgent_frame_goes_before_queued_data_while_a_sender_is_blocked(managers, side):
+    with _stalled_peer(managers, side) as (conn, peer, rx):
+        sender = BlockedSender(conn)
+        try:
+            accepted, queued = sender.wait_blocked()
+            assert queued, "nothing queued in the driver: the test did not fill it"
+            buffered = conn.transport.get_write_buffer_size()
+            taken: list = []
+            urgent = threading.Thread(target=lambda: taken.append(conn.send_urgent(URGENT)))
+            urgent.start()
+            urgent.join(scaled(5))
+            assert taken == [True], "send_urgent blocked or refused while a sender waits above high water"
+            # Written to the transport (writing is paused) while the data frames still wait.
+            wait_until(
+                lambda: conn.transport.get_write_buffer_size() > buffered, what="urgent frame written to the transport"
+            )
+            assert len(conn._queue) == queued and conn._write_paused
+            labels = sender.read_all(peer)
+        finally:
+            sender.close()
+        assert not sender.errors, sender.errors
+        first_queued = accepted - queued
+        assert labels == [*range(first_queued), "urgent", *range(first_queued, len(sender.sent))]
+        # Writing resumed after a pause and released the sender: the core hears the peer is alive.
+        assert rx.sent > 0
+
+
+@pytest.mark.parametrize("side", ["client", "server"])
+def test_drain_waits_until_everything_is_written(managers, side):
+    with _stalled_peer(managers, side) as (conn, peer, _rx):
+        sender = BlockedSender(conn)
+        try:
+            _, queued = sender.wait_blocked()
+            # The peer reads nothing: a short drain gives up with frames still unsent.
+            assert conn.drain(scaled(0.2)) >= queued > 0
+
+            # On the loop thread drain cannot wait (the loop is the writer): it answers at once.
+            async def drain_on_loop() -> int:
+                return conn.drain(60.0)
+
+            on_loop = asyncio.run_coroutine_threadsafe(drain_on_loop(), conn.loop).result(scaled(5))
+            assert on_loop >= queued
+            result: dict = {}
+            reader = threading.Thread(target=lambda: result.update(labels=sender.read_all(peer)))
+            reader.start()
+            try:
+                assert conn.drain(scaled(10)) == 0
+            finally:
+                reader.join(scaled(20))
+            assert conn.drain(0) == 0
+            assert result["labels"] == list(range(len(sender.sent)))
+        finally:
+            sender.close()
+
+
+@pytest.mark.parametrize("side", ["client", "server"])
+@pytest.mark.parametrize("how", ["close_timeout", "peer_reset"])
+def test_frames_dropped_unsent_are_logged(managers, caplog, side, how):
+    with _stalled_peer(managers, side) as (conn, peer, _rx):
+        sender = BlockedSender(conn)
+        try:
+            _, queued = sender.wait_blocked()
+            with caplog.at_level(logging.WARNING, logger=LOGGER):
+                if how == "close_timeout":
+                    conn.close()  # graceful: waits for the queue, but the peer never reads
+                else:
+                    peer.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    peer.sock.close()  # a reset: the queued frames can never go
+                sender.thread.join(scaled(10))
+                assert sender.errors and sender.errors[0].code == CommError.CLOSED
+                wait_until(lambda: conn.lost.is_set(), 10, "connection lost")
+                wait_until(lambda: "dropped unsent" in caplog.text, what="warning about dropped frames")
+            [record] = [r for r in caplog.records if "dropped unsent" in r.getMessage()]
+            assert record.levelno == logging.WARNING
+            message = record.getMessage()
+            assert conn.name in message and f"{queued} queued frame(s)" in message, message
+            # What was lost is what drain reports from then on.
+            assert conn.drain(0) >= queued
+        finally:
+            sender.close()

@@ -39,6 +39,8 @@ _BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length
 #: At most this many WebSocket frames make one (fragmented) message; more closes with 1009. A
 #: message of the largest size (2 GiB) in fragments of 32 KiB or more fits.
 MAX_FRAGMENTS = 65536
+#: How often drain() looks at the transport's write buffer (asyncio says nothing when it empties).
+_DRAIN_POLL = 0.005
 
 
 def _stable(b: Any) -> bool:
@@ -79,7 +81,8 @@ class WebSocketConnection(Connection, asyncio.Protocol):
     Created by the driver on the shared loop, either for an accepted socket (server side: it
     first answers the HTTP upgrade of ``path``) or for an outgoing one (client side, given a
     ``ClientProtocol`` whose request it sends). Every method not marked otherwise runs on the
-    loop thread; ``send_frame``, ``close``, ``pause_reading`` and ``resume_reading`` are thread-safe.
+    loop thread; ``send_frame``, ``send_urgent``, ``drain``, ``close``, ``pause_reading`` and
+    ``resume_reading`` are thread-safe.
     """
 
     supports_pause = True
@@ -130,6 +133,9 @@ class WebSocketConnection(Connection, asyncio.Protocol):
         self._room = threading.Condition(self._lock)
         self._queue: deque = deque()
         self._queued_bytes = 0
+        self._urgent: list = []  # encoded control frames from send_urgent, written before _queue
+        self._send_waiters = 0  # senders blocked in send_frame above high_water
+        self._dropped = 0  # frames accepted and never written (the connection ended first)
         self._flush_pending = False
         self._write_paused = False
         self._closing = False  # no more sends accepted
@@ -194,11 +200,7 @@ class WebSocketConnection(Connection, asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        with self._lock:
-            self._closing = True
-            self._queue.clear()
-            self._queued_bytes = 0
-            self._room.notify_all()
+        self._drop_unsent("connection lost" if exc is None else f"connection lost ({exc})")
         if exc is not None and not self._reason_logged:
             self._reason_logged = True
             log.info("connection %s to %s lost: %s", self.name, fmt_addr(self._peer), exc)
@@ -219,7 +221,14 @@ class WebSocketConnection(Connection, asyncio.Protocol):
         with self._lock:
             self._write_paused = False
             self._room.notify_all()
-        self._flush()
+        # The peer took bytes we had to wait for: it is alive, only slow.
+        self._bytes_sent()
+        self._flush(notify=False)
+
+    def _bytes_sent(self) -> None:
+        receiver = self.frame_receiver
+        if receiver is not None:
+            receiver.bytes_sent()
 
     # -- the opening handshake -------------------------------------------------------------
 
@@ -448,7 +457,11 @@ class WebSocketConnection(Connection, asyncio.Protocol):
                         f"connection {self.name} to {fmt_addr(self._peer)}: "
                         f"peer took nothing for {self.send_timeout} s",
                     )
-                self._room.wait(min(deadline - now, 1.0))
+                self._send_waiters += 1
+                try:
+                    self._room.wait(min(deadline - now, 1.0))
+                finally:
+                    self._send_waiters -= 1
             self._queue.append(bufs)
             self._queued_bytes += size
             if self._flush_pending:
@@ -459,17 +472,134 @@ class WebSocketConnection(Connection, asyncio.Protocol):
         except RuntimeError:  # loop closed under us
             raise CommError(CommError.CLOSED, f"connection {self.name}: event loop is closed") from None
 
-    def _flush(self) -> None:
+    def send_urgent(self, frame: bytes) -> bool:
+        """Write a small control frame (PING/PONG) before the data frames queued here (any thread).
+
+        Never blocks, not even while another thread waits in :meth:`send_frame`: the frame goes
+        to a list of its own, and the loop writes that list before the queue, also while writing
+        is paused (the transport buffer may then exceed ``high_water`` by the control frame).
+        Loop writes are whole WebSocket frames, so that is a frame boundary. False once closing.
+        """
+        chunks: list = []
+        self._encode_data_frame([frame], chunks, copy=True)
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        with self._lock:
+            if self._closing:
+                return False
+            self._urgent.append(data)
+            if self._flush_pending:
+                return True
+            self._flush_pending = True
+        try:
+            self.loop.call_soon_threadsafe(self._flush)
+        except RuntimeError:  # loop closed under us: the connection is gone
+            return False
+        return True
+
+    def drain(self, timeout: float) -> int:
+        """Wait up to ``timeout`` s until every accepted frame is in the kernel; return how many are not.
+
+        Frames still in the queue count one each, a non-empty transport buffer one more. On the
+        loop thread it does not wait (the loop is what writes). Once the connection is lost it
+        returns the frames that were dropped unsent (0 if none).
+        """
+        if threading.get_ident() == self._loop_tid or self.lost.is_set():
+            return self._unsent()
+        done = threading.Event()
+        left = [self._queued_count()]
+        stop = [False]
+
+        def check() -> None:
+            left[0] = n = self._unsent()
+            if n == 0 or self.lost.is_set() or stop[0]:
+                done.set()
+                return
+            self.loop.call_later(_DRAIN_POLL, check)
+
+        try:
+            self.loop.call_soon_threadsafe(check)
+        except RuntimeError:  # the loop is closed: nothing more will be written
+            return left[0] + self._dropped
+        if not done.wait(max(timeout, 0.0)):
+            stop[0] = True
+        return left[0]
+
+    def _queued_count(self) -> int:
+        with self._lock:
+            return len(self._queue) + len(self._urgent)
+
+    def _unsent(self) -> int:
+        """Frames accepted and not yet in the kernel (loop thread, or after the loss)."""
+        if self.lost.is_set():
+            return self._dropped
+        n = self._queued_count()
+        transport = self.transport
+        if transport is not None and transport.get_write_buffer_size():
+            n += 1
+        return n
+
+    def _drop_unsent(self, why: str, buffered: int = 0) -> None:
+        """Stop accepting sends and forget what is queued, with a WARNING if that was anything."""
+        with self._lock:
+            self._closing = True
+            frames = len(self._queue)
+            nbytes = self._queued_bytes
+            urgent = len(self._urgent)
+            self._queue.clear()
+            self._queued_bytes = 0
+            self._urgent = []
+            self._room.notify_all()
+        # The transport buffer holds (the end of) at least one frame, maybe only the Close.
+        self._dropped += frames + (1 if buffered else 0)
+        if frames or buffered or urgent:
+            log.warning(
+                "connection %s to %s: %s: dropped unsent %d queued frame(s) (%d bytes), %d bytes of the"
+                " transport buffer and %d control frame(s)",
+                self.name,
+                fmt_addr(self._peer),
+                why,
+                frames,
+                nbytes,
+                buffered,
+                urgent,
+            )
+
+    def _flush(self, notify: bool = True) -> None:
         with self._lock:
             self._flush_pending = False
-            if self._write_paused:
-                return
-            queue = self._queue
-            if queue:
-                self._queue = deque()
-                self._queued_bytes = 0
-                self._room.notify_all()
+            urgent = self._urgent
+            if urgent:
+                self._urgent = []
+            queue = None
+            released = False
+            if not self._write_paused:
+                queue = self._queue
+                if queue:
+                    self._queue = deque()
+                    self._queued_bytes = 0
+                    released = self._send_waiters > 0
+                    self._room.notify_all()
         if self.proto.state is not OPEN or self.transport is None:
+            if queue:
+                with self._lock:
+                    self._closing = True
+                self._dropped += len(queue)
+                log.warning(
+                    "connection %s to %s: %d frame(s) dropped unsent: the WebSocket is closing (%s)",
+                    self.name,
+                    fmt_addr(self._peer),
+                    len(queue),
+                    self.proto.state.name,
+                )
+            return
+        if urgent:
+            # Before the queue, also while writing is paused: small, and they keep the peer from
+            # thinking us dead while the data waits.
+            self._write_out()
+            self._write_chunks(urgent)
+        if released and notify:
+            self._bytes_sent()
+        if queue is None:
             return
         if queue:
             self._write_out()  # control frames the protocol queued go first, in order
@@ -588,18 +718,25 @@ class WebSocketConnection(Connection, asyncio.Protocol):
             self.transport.close()
         self._start_close_timer()
 
-    def abort(self) -> None:
-        """Drop the connection now (loop thread)."""
-        with self._lock:
-            self._closing = True
-            self._room.notify_all()
-        if self.transport is not None:
-            self.transport.abort()
+    def abort(self, why: str = "aborted") -> None:
+        """Drop the connection now (loop thread), with a WARNING if frames are dropped unsent."""
+        transport = self.transport
+        if transport is None or self.lost.is_set():
+            with self._lock:
+                self._closing = True
+                self._room.notify_all()
+            return
+        self._drop_unsent(why, transport.get_write_buffer_size())
+        transport.abort()
 
     def _start_close_timer(self) -> None:
         if self._timer is None and self.transport is not None and not self.lost.is_set():
             # A peer that never answers the close, or never reads, must not keep us open.
-            self._timer = self.loop.call_later(self.close_timeout, self.transport.abort)
+            self._timer = self.loop.call_later(self.close_timeout, self._close_timed_out)
+
+    def _close_timed_out(self) -> None:
+        self._timer = None
+        self.abort(f"not closed within close_timeout {self.close_timeout} s")
 
     def _call(self, fn: Any, *args: Any) -> None:
         if self.lost.is_set():
