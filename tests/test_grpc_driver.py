@@ -13,7 +13,7 @@ import time
 
 import grpc
 import pytest
-from helpers import Collector, wait_ready, wait_until
+from helpers import Collector, scaled, wait_ready, wait_until
 from sfm_driver_grpc import GrpcDriver, wire
 from sfm_driver_grpc.bench import GrpcBaseline
 from sfm_driver_grpc.connection import BATCH_EXTENSION
@@ -22,7 +22,7 @@ from sfm_driver_grpc.proto import streamer_pb2
 
 from sfm_core import CommError, ConnManager, Endpoint, EndpointState, Mode
 from sfm_core.aio import acquire_loop, release_loop
-from sfm_core.driver import ConnectorInfo
+from sfm_core.driver import ConnectorInfo, FrameReceiver
 from sfm_core.frames import PREFIX, FrameType, decode_frame, encode_frame
 from sfm_core.handshake import build_handshake
 
@@ -567,3 +567,181 @@ def test_stop_leaves_no_threads_or_fds():
         return {t.ident for t in threading.enumerate()} <= threads and set(os.listdir("/proc/self/fd")) <= fds
 
     wait_until(clean, 5, "threads and fds released")
+
+
+# -- urgent control frames, drain, frames dropped unsent --------------------------------------
+
+URGENT = b"".join(encode_frame(FrameType.PING, 0, 999, None, b"\xc0"))  # stream 999: ours, not the core's
+DATA_SIZE = 100_000
+
+
+class CountingReceiver(FrameReceiver):
+    """Counts ``bytes_sent`` calls and hands everything else on to the core's receiver."""
+
+    def __init__(self, inner: FrameReceiver) -> None:
+        self.inner = inner
+        self.sent = 0
+
+    def process_frame(self, frame) -> None:
+        self.inner.process_frame(frame)
+
+    def process_frames(self, frames) -> None:
+        self.inner.process_frames(frames)
+
+    def bytes_received(self) -> None:
+        self.inner.bytes_received()
+
+    def bytes_sent(self) -> None:
+        self.sent += 1
+
+
+class StalledPair(Pair):
+    """A Pair whose server takes nothing (its receiver waits on ``gate``, so its lane fills and it
+    stops reading), with a thread sending 100 kB DATA frames (header ``i``) on the client's
+    connection, straight to the driver, until told to stop."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            client_query="?send_queue_bytes=1048576&send_timeout=30", queue_bytes=2 * MIB, queue_frames=64
+        )
+        self.gate = self.server_rx.gate = threading.Event()
+        self.conn, self.server_conn = self.conns()
+        self.rx = CountingReceiver(self.conn.frame_receiver)
+        self.conn.register_frame_receiver(self.rx)
+        # The frames as the server's driver hands them to its core, in order.
+        self.received: list = []
+        deliver = self.server_conn.process_frames
+
+        def record(frames) -> None:
+            for f in frames:
+                frame = decode_frame(f)
+                if frame.type == FrameType.PING and frame.stream_id == 999:
+                    self.received.append("urgent")
+                elif frame.type == FrameType.DATA and frame.headers and "i" in frame.headers:
+                    self.received.append(frame.headers["i"])
+            deliver(frames)
+
+        self.server_conn.process_frames = record
+        self.sent: list[int] = []
+        self.errors: list[BaseException] = []
+        self.sending = False
+        self.stop_sending = threading.Event()
+        self.sender = threading.Thread(target=self._send, name="test-sender")
+        self.sender.start()
+
+    def _send(self) -> None:
+        i = 0
+        try:
+            while not self.stop_sending.is_set():
+                frame = list(encode_frame(FrameType.DATA, 1, 17, {"i": i}, bytes(DATA_SIZE)))
+                self.sending = True
+                self.conn.send_frame(frame)
+                self.sending = False
+                self.sent.append(i)
+                i += 1
+        except CommError as e:
+            self.errors.append(e)
+
+    def _blocked(self) -> bool:
+        conn = self.conn
+        return bool(self.sending and conn._queued_bytes + DATA_SIZE > conn._send_queue_bytes and conn._queue)
+
+    def wait_blocked(self) -> int:
+        """Wait until the sender waits for room in a full send queue and the writer is stuck too
+        (the server stopped reading and gRPC's flow-control windows are full: no message has
+        gone out for a while); the frames queued then."""
+        seen: list = [None, 0.0]
+
+        def stuck() -> bool:
+            if self.errors:
+                return True
+            if not (self._blocked() and self.server_conn._paused):
+                seen[0] = None
+                return False
+            out, now = self.conn.stats["messages_out"], time.monotonic()
+            if out != seen[0]:
+                seen[:] = [out, now]
+                return False
+            return now - seen[1] >= scaled(0.2)
+
+        wait_until(stuck, 30, "sender blocked on a full send queue, writer stuck on flow control")
+        assert not self.errors, self.errors
+        return len(self.conn._queue)
+
+    def queued_indexes(self) -> list[int]:
+        with self.conn._lock:
+            return [decode_frame(wire.decode(msg)[1]).headers["i"] for msg, _ in self.conn._queue]
+
+    def resume(self) -> None:
+        """Stop sending, let the server take everything, wait for all of it."""
+        self.stop_sending.set()
+        self.gate.set()
+        self.sender.join(scaled(20))
+        assert not self.sender.is_alive()
+        self.server_rx.wait_for(len(self.sent), timeout=30)
+
+    def stop(self) -> None:
+        self.stop_sending.set()
+        self.gate.set()
+        self.sender.join(scaled(20))
+        super().stop()
+
+
+@pytest.fixture
+def stalled():
+    p = StalledPair()
+    yield p
+    p.stop()
+
+
+def test_urgent_frame_goes_before_queued_data_while_a_sender_is_blocked(stalled):
+    stalled.wait_blocked()
+    taken: list = []
+    urgent = threading.Thread(target=lambda: taken.append(stalled.conn.send_urgent(URGENT)))
+    urgent.start()
+    urgent.join(scaled(5))
+    assert taken == [True], "send_urgent blocked or refused while a sender waits for room"
+    still_queued = stalled.queued_indexes()
+    assert still_queued, "nothing queued behind the urgent frame: the test did not fill the queue"
+    stalled.resume()
+    assert not stalled.errors, stalled.errors
+    wait_until(lambda: "urgent" in stalled.received, what="urgent frame at the server")
+    order = stalled.received
+    assert [x for x in order if x != "urgent"] == list(range(len(stalled.sent)))
+    assert order.index("urgent") < order.index(still_queued[0]), (order.index("urgent"), still_queued[0])
+    # Writes completed while the sender waited: the core hears the peer is alive.
+    assert stalled.rx.sent > 0
+
+
+def test_drain_waits_until_everything_is_written(stalled):
+    queued = stalled.wait_blocked()
+    # The server reads nothing: a short drain gives up with frames still unsent.
+    assert stalled.conn.drain(scaled(0.2)) >= queued > 0
+    lt = acquire_loop()
+    try:
+
+        async def drain_on_loop() -> int:
+            return stalled.conn.drain(60.0)  # the loop is the writer: it cannot wait there
+
+        assert lt.run(drain_on_loop(), scaled(5)) >= queued
+    finally:
+        release_loop()
+    stalled.stop_sending.set()
+    stalled.gate.set()
+    assert stalled.conn.drain(scaled(10)) == 0
+    stalled.resume()
+    assert stalled.conn.drain(0) == 0
+
+
+def test_frames_dropped_unsent_on_close_are_logged(stalled, caplog):
+    queued = stalled.wait_blocked()
+    with caplog.at_level(logging.WARNING, logger="sfm_driver_grpc"):
+        stalled.conn.close()
+        stalled.sender.join(scaled(10))
+        assert stalled.errors and stalled.errors[0].code == CommError.CLOSED
+        wait_until(lambda: "dropped unsent" in caplog.text, what="warning about dropped frames")
+    [record] = [r for r in caplog.records if "dropped unsent" in r.getMessage()]
+    assert record.levelno == logging.WARNING
+    message = record.getMessage()
+    assert stalled.conn.name in message and f"with {queued} frame(s)" in message, message
+    assert stalled.conn.drain(0) >= queued  # what was lost is what drain reports from then on

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import logging
 import struct
 import threading
@@ -31,7 +32,8 @@ class GrpcConnection(Connection):
     the caller's thread, appended to a deque, and the loop is woken only if the writer task
     is idle, so a burst of sends costs one wake-up. The caller blocks while more than
     ``send_queue_bytes`` wait to be written (the writer waits on gRPC flow control, so a
-    slow peer slows the sender). Receiving: a reader task on the loop validates each
+    slow peer slows the sender). Control frames from :meth:`send_urgent` have a deque of
+    their own that the writer serves first. Receiving: a reader task on the loop validates each
     ``Frame.data`` and hands the frame(s) to the core as memoryviews of the received message.
     """
 
@@ -70,10 +72,15 @@ class GrpcConnection(Connection):
         self._offer = (BATCH_EXTENSION,) if batch else ()
         self._batch_bytes = batch_bytes
         self._seq = 0
+        self._seqs = itertools.count(1)  # next() is atomic: send_frame and send_urgent share it
         self._lock = threading.Lock()
         self._room = threading.Condition(self._lock)
         self._queue: collections.deque = collections.deque()
         self._queued_bytes = 0
+        self._urgent: collections.deque = collections.deque()  # control frames, written before _queue
+        self._writing = False  # the writer task awaits a write of what it took
+        self._drained = threading.Condition(self._lock)  # both queues empty, nothing being written
+        self._dropped = 0  # frames accepted and never written (the connection ended first)
         self._send_waiters = 0
         self._wake_pending = True  # until the writer task runs and finds the queue empty
         self._wake_fut: asyncio.Future | None = None
@@ -113,7 +120,7 @@ class GrpcConnection(Connection):
         bufs = frame if isinstance(frame, list) else [frame]
         if self._closing:
             raise CommError(CommError.CLOSED, f"connection {self.name} to {self._peer} is closed")
-        self._seq = (self._seq + 1) & 0x7FFFFFFF
+        self._seq = next(self._seqs) & 0x7FFFFFFF
         data_len = sum(b.nbytes if isinstance(b, memoryview) else len(b) for b in bufs)
         env = wire.envelope(self._seq, data_len)
         msg = b"".join([env, *bufs])  # the one copy: gRPC needs one bytes object per message
@@ -132,6 +139,50 @@ class GrpcConnection(Connection):
                 self._loop.call_soon_threadsafe(self._wake_writer)
             except RuntimeError:  # loop closed under us: the connection is gone
                 raise CommError(CommError.CLOSED, f"connection {self.name}: event loop is closed") from None
+
+    def send_urgent(self, frame: bytes) -> bool:
+        """Queue a small control frame (PING/PONG) ahead of the data frames (any thread, never blocks).
+
+        It goes out as a gRPC message of its own as soon as the write in progress (if any)
+        completes: the next frame boundary. False once the connection is closing.
+        """
+        if self._closing:
+            return False
+        seq = next(self._seqs) & 0x7FFFFFFF
+        msg = wire.encode(seq, [frame])  # the Frame envelope, as send_frame makes it
+        with self._lock:
+            if self._closing:
+                return False
+            self._urgent.append(msg)
+            wake = not self._wake_pending
+            self._wake_pending = True
+        if wake:
+            try:
+                self._loop.call_soon_threadsafe(self._wake_writer)
+            except RuntimeError:  # loop closed under us: the connection is gone
+                return False
+        return True
+
+    def drain(self, timeout: float) -> int:
+        """Wait up to ``timeout`` s until every accepted frame was handed to gRPC; return how many were not.
+
+        Queued frames count one each, a write in progress one more. On the loop thread it does
+        not wait (the loop is the writer). Once closed, it returns the frames dropped unsent.
+        """
+        with self._lock:
+            if not self._closing and not self._is_loop_thread():
+                deadline = time.monotonic() + timeout
+                while not self._closing and self._pending_locked():
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._drained.wait(left)
+            if self._closing:
+                return self._dropped
+            return self._pending_locked()
+
+    def _pending_locked(self) -> int:
+        return len(self._queue) + len(self._urgent) + (1 if self._writing else 0)
 
     def _wait_for_room(self, size: int) -> None:
         # Called with the lock held. Never block the loop thread itself: it is the writer.
@@ -170,12 +221,22 @@ class GrpcConnection(Connection):
             fut.set_result(None)
 
     def _take(self) -> tuple[bytes, int, int] | None:
-        """Next message to write (several frames in one when batching is agreed), or None if idle."""
+        """Next message to write (several frames in one when batching is agreed), or None if idle.
+
+        Control frames from send_urgent come first, each alone (they are not counted in
+        ``_queued_bytes``). The writer counts as busy until it comes back for the next one.
+        """
         with self._lock:
+            if self._urgent:
+                self._writing = True
+                return self._urgent.popleft(), 0, 1
             q = self._queue
             if not q:
                 self._wake_pending = False
+                self._writing = False
+                self._drained.notify_all()
                 return None
+            self._writing = True
             msg, env_len = q.popleft()
             size = len(msg)
             if (
@@ -217,8 +278,14 @@ class GrpcConnection(Connection):
             stats["frames_out"] += nframes
             with self._lock:
                 self._queued_bytes -= accounted
-                if self._send_waiters:
+                waiting = self._send_waiters
+                if waiting:
                     self._room.notify_all()
+            if waiting:
+                # A sender waits for room, and the peer took a message: alive, only slow.
+                receiver = self.frame_receiver
+                if receiver is not None:
+                    receiver.bytes_sent()
 
     # -- receiving (loop thread) -----------------------------------------------------------
 
@@ -348,8 +415,24 @@ class GrpcConnection(Connection):
     def _mark_closing(self) -> None:
         with self._lock:
             self._closing = True
+            frames = len(self._queue)
+            nbytes = sum(len(m) for m, _ in self._queue)
+            urgent = len(self._urgent)
             self._queue.clear()
+            self._urgent.clear()
+            self._dropped += frames
             self._room.notify_all()
+            self._drained.notify_all()
+        if frames:
+            log.warning(
+                "connection %s to %s: closing with %d frame(s) (%d bytes) and %d control frame(s) not yet"
+                " written: dropped unsent",
+                self.name,
+                self._peer,
+                frames,
+                nbytes,
+                urgent,
+            )
 
     def close(self) -> None:
         """End the stream (idempotent, any thread); the loop then calls ``remove_connection``."""
