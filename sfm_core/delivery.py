@@ -86,6 +86,7 @@ class Lane:
         "_resume",
         "_room",
         "_scheduled",
+        "_then",
     )
 
     def __init__(
@@ -110,6 +111,7 @@ class Lane:
         self._scheduled = False
         self._paused = False
         self._closed = False
+        self._then: Callable[[], None] | None = None
 
     def submit(self, items: Sequence[Any], nbytes: int = 0) -> bool:
         """Queue items (from an I/O thread); False if the lane is closed. Applies backpressure."""
@@ -140,7 +142,27 @@ class Lane:
             self._closed = True
             self._items = []
             self._bytes = 0
+            self._then = None
             self._room.notify_all()
+
+    def finish(self, then: Callable[[], None]) -> bool:
+        """Call ``then()`` on a delivery thread once every item submitted so far is handled;
+        nothing more is accepted. False (and ``then`` never called) if the lane is closed."""
+        with self._lock:
+            if self._closed:
+                return False
+            self._closed = True  # submit refuses from now on; _run still drains what is here
+            self._then = then
+            self._room.notify_all()
+            if not self._scheduled:
+                self._scheduled = True
+                self._dispatcher._ready.put(self)
+            return True
+
+    @property
+    def busy(self) -> bool:
+        """True while items wait or are being handled."""
+        return self._scheduled
 
     @property
     def queued(self) -> int:
@@ -163,7 +185,8 @@ class Lane:
                 handler(item)
             except Exception:  # the handler reports its own errors; this is a last resort
                 log.exception("delivery handler failed")
-            done_bytes += 0 if callable(item) else len(item)
+            done_bytes += len(item)
+        then = None
         with self._lock:
             self._bytes = max(0, self._bytes - done_bytes)
             low = len(self._items) < self._max_items // 2 and self._bytes < self._max_bytes // 2
@@ -175,7 +198,13 @@ class Lane:
                     self._resume()
             elif not self._paused and low:
                 self._room.notify_all()
-            if self._items and not self._closed:
+            if self._items and (not self._closed or self._then is not None):
                 self._dispatcher._ready.put(self)
             else:
                 self._scheduled = False
+                then, self._then = self._then, None
+        if then is not None:
+            try:
+                then()
+            except Exception:
+                log.exception("lane finish callback failed")

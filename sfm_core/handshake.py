@@ -9,11 +9,15 @@ from collections.abc import Iterable
 import msgpack
 
 from .errors import CommError
-from .frames import Buffer
+from .frames import PREFIX_LEN, Buffer
 
 ENDPOINT_NAME_KEY = "endpoint_name"
 TIMESTAMP_KEY = "timestamp"
 EXTENSIONS_KEY = "sfm_ext"
+#: Our extension that announces the largest frame a side accepts (docs/wire-protocol.md).
+FRAME_LIMIT_EXTENSION = "frame-limit"
+#: The handshake map key under which a side that offers ``frame-limit`` gives its limit.
+MAX_FRAME_SIZE_KEY = "sfm_max_frame_size"
 
 _NAME_PART = re.compile(r"[A-Za-z0-9_~\-]+")
 
@@ -39,30 +43,44 @@ def validate_endpoint_name(name: object) -> str:
     return name
 
 
-def build_handshake(name: str, properties: dict | None, extensions: Iterable[str] = ()) -> bytes:
+def build_handshake(
+    name: str,
+    properties: dict | None,
+    extensions: Iterable[str] = (),
+    timestamp: float | None = None,
+    max_frame_size: int | None = None,
+) -> bytes:
     """The payload of HELLO or READY: name, timestamp, public properties, and our extensions.
 
-    ``sfm_ext`` is only added when there is something to offer, so a plain peer sees the
-    original map.
+    ``sfm_ext`` is only added when there is something to offer, and ``sfm_max_frame_size``
+    only with ``frame-limit`` among them, so a plain peer sees the original map.
+    ``timestamp`` defaults to now (wall clock, seconds since the epoch).
     """
     data = dict(properties) if properties else {}
     data[ENDPOINT_NAME_KEY] = name
-    data[TIMESTAMP_KEY] = time.time()
+    data[TIMESTAMP_KEY] = time.time() if timestamp is None else timestamp
     ext = sorted(set(extensions))
     if ext:
         data[EXTENSIONS_KEY] = ext
+        if FRAME_LIMIT_EXTENSION in ext and max_frame_size is not None:
+            data[MAX_FRAME_SIZE_KEY] = max_frame_size
     return msgpack.packb(data)
 
 
 class PeerHello:
     """What a peer said about itself in HELLO or READY."""
 
-    __slots__ = ("extensions", "name", "properties")
+    __slots__ = ("extensions", "max_frame_size", "name", "properties")
 
-    def __init__(self, name: str, properties: dict, extensions: frozenset[str]) -> None:
+    def __init__(
+        self, name: str, properties: dict, extensions: frozenset[str], max_frame_size: int | None = None
+    ) -> None:
         self.name = name
+        #: The rest of the map: the peer's public properties (our protocol keys removed).
         self.properties = properties
         self.extensions = extensions
+        #: The largest frame the peer accepts, if it announced one (``frame-limit``).
+        self.max_frame_size = max_frame_size
 
 
 def parse_handshake(payload: Buffer | None, local_name: str) -> PeerHello:
@@ -80,9 +98,16 @@ def parse_handshake(payload: Buffer | None, local_name: str) -> PeerHello:
         raise CommError(CommError.BAD_DATA, "handshake has no endpoint_name")
     if name == local_name:
         raise CommError(CommError.BAD_DATA, f"peer claims our own endpoint name {name!r}")
-    ext = data.get(EXTENSIONS_KEY) or ()
+    try:
+        validate_endpoint_name(name)
+    except CommError as e:
+        raise CommError(CommError.BAD_DATA, f"peer claims {e.message}") from None
+    ext = data.pop(EXTENSIONS_KEY, None) or ()
     extensions = frozenset(e for e in ext if isinstance(e, str)) if isinstance(ext, (list, tuple)) else frozenset()
-    return PeerHello(name, data, extensions)
+    limit = data.pop(MAX_FRAME_SIZE_KEY, None)
+    if limit is not None and (type(limit) is not int or limit < PREFIX_LEN):
+        raise CommError(CommError.BAD_DATA, f"handshake {MAX_FRAME_SIZE_KEY} must be an integer >= 16, got {limit!r}")
+    return PeerHello(name, data, extensions, limit)
 
 
 def negotiate(ours: Iterable[str], theirs: Iterable[str]) -> frozenset[str]:

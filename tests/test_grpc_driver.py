@@ -531,9 +531,9 @@ def test_a_send_from_the_loop_thread_over_a_full_queue_raises_instead_of_deadloc
         chunk = b"c" * 40_000
 
         async def two_sends() -> CommError | None:
-            sfm_conn.send_frame(FrameType.DATA, 1, 1, None, chunk)
+            sfm_conn.send_data(1, 1, None, chunk)
             try:
-                sfm_conn.send_frame(FrameType.DATA, 1, 2, None, chunk)
+                sfm_conn.send_data(1, 2, None, chunk)
             except CommError as e:
                 return e
             return None

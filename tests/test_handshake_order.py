@@ -119,7 +119,7 @@ def test_an_endpoint_is_published_only_once_it_can_take_messages(manager) -> Non
             published.append((name, sfm_ep.endpoint.state, len(sfm_ep.connections)))
             super().__setitem__(name, sfm_ep)
 
-    manager.sfm_endpoints = WatchedTable()
+    manager.endpoints._endpoints = WatchedTable()
     connect(manager, RecordingConnection())
     assert published == [("site-1", EndpointState.READY, 1)]
 
@@ -134,7 +134,7 @@ def test_a_name_that_came_back_and_was_lost_again_is_told_disconnected(manager) 
     busy, done = threading.Event(), threading.Event()
 
     def slow_monitor_call() -> None:
-        with manager._notify_lock:
+        with manager.endpoints._telling:
             busy.set()
             done.wait(5)
 

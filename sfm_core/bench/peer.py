@@ -110,7 +110,7 @@ def sfm_server(mode: str, url: str, count: int) -> None:
             proc = psutil.Process()
             for line in sys.stdin:
                 if line.strip() == "stats":
-                    ready = len(manager.sfm_endpoints)
+                    ready = len(manager.endpoints)
                     emit(ready=ready, rss=proc.memory_info().rss, threads=threading.active_count())
         else:
             wait_stdin_closed()

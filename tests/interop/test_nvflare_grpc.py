@@ -54,15 +54,14 @@ def _exchange(nv, sfm: ConnManager, sfm_rx: Collector, nv_name: str, sfm_name: s
 
 def _heartbeats_answered(sfm: ConnManager, nv_name: str) -> None:
     """With a 0.5 s heartbeat and dead_after=3, a silent peer is dropped after 1.5 s: staying
-    connected and idle for 3 s means NVFlare answered our PINGs with PONGs."""
+    connected and idle for several of those means NVFlare answered our PINGs with PONGs."""
     [conn] = sfm.get_connections(nv_name)
     connector = conn.conn.connector
-    time.sleep(3.0)
+    wait_until(lambda: conn.session.pongs_received >= 6, timeout=10, what="6 PONGs from NVFlare")
     assert sfm.find_endpoint(nv_name).state == EndpointState.READY
     assert sfm.get_connections(nv_name) == [conn]
     if connector is not None:
         assert connector.total_conns == 1
-    assert time.monotonic() - conn.last_activity < 1.5  # PONGs keep arriving
 
 
 def test_nvflare_listens_sfm_connects(nvflare_peer_factory):
