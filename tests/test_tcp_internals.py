@@ -1,15 +1,18 @@
-"""TCP driver internals: the pool's keep-serving rule, and a send that stalls half-way."""
+"""TCP driver internals: the pool's keep-serving rule, a send that stalls half-way, bytes_sent on progress."""
 
 from __future__ import annotations
 
 import socket
+import threading
 import time
 
 import pytest
+from helpers import scaled
 from sfm_driver_tcp.connection import TcpConnection
 from sfm_driver_tcp.reactor import Reactor
 
 from sfm_core import CommError
+from sfm_core.driver import FrameReceiver
 
 
 class Scripted:
@@ -138,3 +141,55 @@ def test_a_send_that_times_out_with_nothing_on_the_wire_keeps_the_connection() -
         assert not sock.shut  # nothing of it was sent: the stream is still whole
     finally:
         sock.close()
+
+
+class CountingReceiver(FrameReceiver):
+    """Counts ``bytes_sent`` calls (the frames themselves are not under test)."""
+
+    def __init__(self) -> None:
+        self.sent = 0
+
+    def process_frame(self, frame) -> None:
+        pass
+
+    def bytes_sent(self) -> None:
+        self.sent += 1
+
+
+def test_a_big_frame_to_a_slow_reader_tells_the_receiver_bytes_went_out() -> None:
+    # The core counts bytes_sent() as a sign of life: a receiver that reads slowly is not dead.
+    listener = socket.create_server(("127.0.0.1", 0))
+    ours = socket.create_connection(listener.getsockname())
+    theirs, _ = listener.accept()
+    listener.close()
+    size = 8 * 1024 * 1024
+    got = bytearray()
+    try:
+        # Small socket buffers: the frame needs many rounds of waiting for room.
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+        theirs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        ours.setblocking(False)
+        conn = TcpConnection(ours, None, None, None, max_frame_size=1 << 30, send_timeout=scaled(10))
+        rx = CountingReceiver()
+        conn.register_frame_receiver(rx)
+
+        def read_slowly() -> None:
+            theirs.settimeout(scaled(10))
+            while len(got) < size:
+                chunk = theirs.recv(16384)
+                if not chunk:
+                    return
+                got.extend(chunk)
+                time.sleep(0.0005)
+
+        reader = threading.Thread(target=read_slowly)
+        reader.start()
+        try:
+            conn.send_frame([b"h" * 16, memoryview(bytes(size - 16))])
+        finally:
+            reader.join(scaled(20))
+        assert len(got) == size
+        assert rx.sent > 0
+    finally:
+        ours.close()
+        theirs.close()

@@ -36,7 +36,9 @@ class TcpConnection(Connection):
 
     Sending: ``sendmsg`` of the frame's buffers straight from the sending thread (no copy, no
     hand-off); if the kernel takes only part, the thread waits for POLLOUT, up to
-    ``send_timeout`` seconds without progress. A frame that fails half-way closes the
+    ``send_timeout`` seconds without progress (each bit of progress is told to the frame
+    receiver's ``bytes_sent``). Nothing is queued here, so ``send_urgent`` and ``drain`` keep the
+    defaults: the core sends a control frame right after the send in progress. A frame that fails half-way closes the
     connection: the peer could not tell where the next frame starts. Receiving: ``recv_into``
     the decoder's buffers, so small frames arrive many per syscall and large ones land in a
     buffer sized from their prefix; the frames of one read go to the core in one
@@ -136,6 +138,9 @@ class TcpConnection(Connection):
                 if n:
                     on_wire = True
                     deadline = time.monotonic() + self._send_timeout  # progress: the peer is alive
+                    receiver = self.frame_receiver
+                    if receiver is not None:
+                        receiver.bytes_sent()  # so the core does not take a slow reader for a dead one
                 while n and views:
                     first = views[0]
                     if n >= first.nbytes:
