@@ -10,7 +10,6 @@ sessions and receivers, runs the heartbeat timer and tells monitors; see
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 from typing import Any
@@ -18,48 +17,26 @@ from typing import Any
 import msgpack
 
 from . import frames as fr
-from .connectors import get_handle, run_connector, stop_connector
+from .admission import Admission
+from .connectors import ConnectorSet, get_handle, resolve_driver, run_connector
 from .delivery import Dispatcher
 from .driver import Connection, ConnectorInfo, ConnMonitor, ConnState, Driver, Mode
 from .endpoint import Endpoint, EndpointMonitor
-from .endpoint_table import EndpointTable, Registration, SfmEndpoint
+from .endpoint_table import EndpointTable, SfmEndpoint
 from .errors import CommError
 from .frames import Frame, Payload
 from .handshake import PeerHello, validate_endpoint_name
+from .heartbeat import Heartbeat
+from .loopback import LoopbackMessage, deliver_loopback
 from .message import Message, MessageReceiver
 from .plugins import broadcast
 from .registry import DriverRegistry, get_registry
-from .session import (
-    Expired,
-    HelloReceived,
-    Ignored,
-    Liveness,
-    PingDue,
-    ProtocolError,
-    ReadyReceived,
-    SendPong,
-    Session,
-)
-from .sfm_connection import NullConnection, SfmConnection, SfmFrameReceiver
-from .url import parse_url
+from .session import HelloReceived, Ignored, Liveness, ProtocolError, ReadyReceived, SendPong, Session
+from .sfm_connection import NullConnection, SfmConnection, SfmFrameReceiver, linger_on
 
 __all__ = ["ConnManager", "NullConnection", "SfmConnection", "SfmEndpoint", "SfmFrameReceiver", "get_handle"]
 
 log = logging.getLogger(__name__)
-
-_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*$")
-
-
-class _Loopback:
-    """A message to ourselves, queued on the loopback lane (sized by its payload)."""
-
-    __slots__ = ("app_id", "endpoint", "headers", "payload")
-
-    def __init__(self, endpoint: Endpoint, app_id: int, headers: dict | None, payload: Payload | None) -> None:
-        self.endpoint, self.app_id, self.headers, self.payload = endpoint, app_id, headers, payload
-
-    def __len__(self) -> int:
-        return fr.payload_length(self.payload)
 
 
 class ConnManager(ConnMonitor):
@@ -100,12 +77,12 @@ class ConnManager(ConnMonitor):
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_check = heartbeat_check or min(5.0, heartbeat_interval / 4)
         self.linger = linger
-        self.reconnect_min = reconnect_min
-        self.reconnect_max = reconnect_max
         self.queue_frames = queue_frames
         self.queue_bytes = queue_bytes
 
-        self.connectors: dict[str, ConnectorInfo] = {}
+        self._connectors = ConnectorSet(reconnect_min, reconnect_max)
+        #: The connectors by handle.
+        self.connectors = self._connectors.by_handle
         self.sfm_conns: dict[str, SfmConnection] = {}
         self.endpoints = EndpointTable()
         self.receivers: dict[int, MessageReceiver] = {}
@@ -115,11 +92,10 @@ class ConnManager(ConnMonitor):
         self.null_conn = NullConnection()
 
         self._lock = threading.RLock()
-        self._threads: dict[str, threading.Thread] = {}
-        self._stop_event = threading.Event()
         self._dispatcher = Dispatcher(delivery_workers)
         self._loopback_lane = self._dispatcher.lane(self._deliver_loopback, max_items=queue_frames)
-        self._heartbeat_thread: threading.Thread | None = None
+        self._admission = Admission(self.endpoints, local_endpoint.name, self.notify_monitors, self.heartbeat_check)
+        self._heartbeat = Heartbeat(local_endpoint.name, lambda: list(self.sfm_conns.values()), self.heartbeat_check)
 
     # -- connectors ----------------------------------------------------------------------
 
@@ -128,20 +104,8 @@ class ConnManager(ConnMonitor):
 
         Returns the connector's handle. If the manager is started, the connector starts now.
         """
-        params = dict(params or {})
         mode = Mode(mode)
-        if isinstance(driver, str):
-            if "://" in driver or not _SCHEME.match(driver):
-                params = {**parse_url(driver), **params}
-                scheme = params["scheme"]
-            else:
-                scheme = driver.lower()
-                params.setdefault("scheme", scheme)
-            driver = self.registry.create_driver(scheme)
-        elif not isinstance(driver, Driver):
-            raise CommError(CommError.BAD_CONFIG, f"add_connector needs a Driver, URL or scheme, got {driver!r}")
-        if "scheme" not in params:
-            params["scheme"] = driver.supported_transports()[0]
+        driver, params = resolve_driver(driver, params, self.registry)
         # After the URL's own query params, so that ?max_frame_size= in a URL still wins.
         params.setdefault("max_frame_size", self.max_frame_size)
         with self._lock:
@@ -158,10 +122,7 @@ class ConnManager(ConnMonitor):
 
     def get_connector(self, handle: str) -> ConnectorInfo:
         """The connector for a handle; raises ``CommError(BAD_CONFIG)`` if unknown."""
-        connector = self.connectors.get(handle)
-        if connector is None:
-            raise CommError(CommError.BAD_CONFIG, f"no connector with handle {handle!r}")
-        return connector
+        return self._connectors.get(handle)
 
     def wait_listening(self, handle: str, timeout: float | None = 10.0) -> str:
         """Block until a passive connector listens; return the URL peers can use."""
@@ -169,25 +130,11 @@ class ConnManager(ConnMonitor):
 
     def remove_connector(self, handle: str) -> None:
         """Stop a connector, close its connections and join its thread."""
-        with self._lock:
-            connector = self.connectors.pop(handle, None)
-            thread = self._threads.pop(handle, None)
-        if connector is not None:
-            stop_connector(connector, thread)
+        self._connectors.remove(handle)  # not under our lock: the driver's threads call us meanwhile
 
     def start_connector(self, connector: ConnectorInfo) -> None:
         """Start connector in a new thread."""
-        if connector.started:
-            return
-        connector.started = True
-        t = threading.Thread(
-            target=self.start_connector_task,
-            args=(connector, self._stop_event, self.reconnect_min, self.reconnect_max),
-            name=f"sfm-{connector.mode.value}-{connector.handle}",
-            daemon=True,
-        )
-        self._threads[connector.handle] = t
-        t.start()
+        self._connectors.start(connector, self.start_connector_task)
 
     @staticmethod
     def start_connector_task(
@@ -210,8 +157,7 @@ class ConnManager(ConnMonitor):
                 raise CommError(CommError.CLOSED, "ConnManager cannot be restarted after stop()")
             self.started = True
             self._dispatcher.start()
-            self._heartbeat_thread = threading.Thread(target=self._heartbeat_loop, name="sfm-heartbeat", daemon=True)
-            self._heartbeat_thread.start()
+            self._heartbeat.start()
             for connector in self.connectors.values():
                 self.start_connector(connector)
 
@@ -225,40 +171,15 @@ class ConnManager(ConnMonitor):
             if self.stopped:
                 return
             self.stopped = True
-            connectors = list(self.connectors.values())
-            threads = dict(self._threads)
-            self.connectors.clear()
-            self._threads.clear()
-        self._stop_event.set()
-        self._linger(list(self.sfm_conns.values()), self.linger if linger is None else linger)
-        for connector in connectors:
-            stop_connector(connector, threads.get(connector.handle))
+        linger_on(list(self.sfm_conns.values()), self.linger if linger is None else linger, self.local_endpoint.name)
+        self._connectors.stop_all()
         for sfm_conn in list(self.sfm_conns.values()):
             try:
                 sfm_conn.close()
             except Exception:
                 log.exception("error closing %s", sfm_conn.name)
-        if self._heartbeat_thread is not None:
-            self._heartbeat_thread.join(10.0)
+        self._heartbeat.stop()
         self._dispatcher.stop()
-
-    def _linger(self, sfm_conns: list[SfmConnection], linger: float) -> None:
-        """Refuse new sends on ``sfm_conns``, then wait up to ``linger`` s for queued ones."""
-        for sfm_conn in sfm_conns:
-            sfm_conn.session.begin_close()
-        deadline = time.monotonic() + linger
-        for sfm_conn in sfm_conns:
-            left = sfm_conn.drain(max(0.0, deadline - time.monotonic()))
-            if left:
-                ep = sfm_conn.sfm_endpoint
-                log.warning(
-                    "%s: %d frame(s) accepted for %s on %s were not sent within the %.1f s linger; dropped",
-                    self.local_endpoint.name,
-                    left,
-                    ep.endpoint.name if ep else "an unnamed peer",
-                    sfm_conn.name,
-                    linger,
-                )
 
     # -- ConnMonitor: driver connection events ------------------------------------------
 
@@ -362,10 +283,10 @@ class ConnManager(ConnMonitor):
         if kind is SendPong:
             sfm_conn.send_control(event.frame)
         elif kind is HelloReceived:
-            self._accept(sfm_conn, event.peer)
+            self._admission.accept(sfm_conn, event.peer)
         elif kind is ReadyReceived:
             sfm_conn.conn.extensions = sfm_conn.session.driver_extensions
-            self._register(sfm_conn, event.peer)
+            self._admission.register(sfm_conn, event.peer)
         elif kind is ProtocolError:
             log.warning("%s: closing %s: %s", self.local_endpoint.name, sfm_conn.name, event.reason)
             if sfm_conn.lane is not None:
@@ -373,26 +294,6 @@ class ConnManager(ConnMonitor):
             sfm_conn.close()
         elif kind is Ignored:
             log.warning("%s: %s on %s", self.local_endpoint.name, event.reason, sfm_conn.name)
-
-    def _accept(self, sfm_conn: SfmConnection, peer: PeerHello) -> None:
-        # Record the endpoint before READY goes out, so a peer that has READY is known here
-        # (and of two connections claiming one name, the one answered last is kept). The send
-        # lock is held throughout: a message sent to the endpoint the moment it is known
-        # still goes out after READY.
-        session = sfm_conn.session
-        conn_props = sfm_conn.conn.get_conn_properties()
-        with sfm_conn._send_lock:
-            sfm_conn.conn.extensions = session.driver_extensions
-            registration = self.endpoints.register(sfm_conn, peer, conn_props)
-            if registration is None:
-                return  # closed while the handshake was on its way
-            session.stream_ids = registration.sfm_ep.stream_ids
-            try:
-                sfm_conn._write(session.accept(time.time()))
-            except BaseException:
-                self.endpoints.undo(sfm_conn, registration)
-                raise
-        self._settle(registration)
 
     def update_endpoint(self, sfm_conn: SfmConnection, data: dict) -> None:
         """Record the peer named in a handshake map on this connection; the endpoint is READY.
@@ -405,34 +306,7 @@ class ConnManager(ConnMonitor):
         if not name:
             raise CommError(CommError.BAD_DATA, "handshake has no endpoint_name")
         properties = {k: v for k, v in data.items() if k != "endpoint_name"}
-        self._register(sfm_conn, PeerHello(name, properties, sfm_conn.conn.extensions))
-
-    def _register(self, sfm_conn: SfmConnection, peer: PeerHello) -> None:
-        registration = self.endpoints.register(sfm_conn, peer, sfm_conn.conn.get_conn_properties())
-        if registration is not None:
-            sfm_conn.session.stream_ids = registration.sfm_ep.stream_ids
-            self._settle(registration)
-
-    def _settle(self, registration: Registration) -> None:
-        """Close the connections a registration replaced; tell monitors the endpoint is READY."""
-        name = registration.sfm_ep.endpoint.name
-        now = time.monotonic()
-        for old in registration.replaced:
-            if now - old.session.last_heard < self.heartbeat_check:
-                # Not a stale half-open connection: two live ones claim the same name (two
-                # connectors of one endpoint to us, or two processes with one name).
-                log.warning(
-                    "%s: a second live connection claims endpoint %r; closing the older %s, as NVFlare does "
-                    "(one connection per endpoint: two connectors from one endpoint to one peer replace each other)",
-                    self.local_endpoint.name,
-                    name,
-                    old.name,
-                )
-            else:
-                log.info("%s: %s replaced by a newer connection from %s", self.local_endpoint.name, old.name, name)
-            old.close()
-        self.endpoints.announce(registration)
-        self.endpoints.tell(self.notify_monitors)
+        self._admission.register(sfm_conn, PeerHello(name, properties, sfm_conn.conn.extensions))
 
     # -- sending -------------------------------------------------------------------------
 
@@ -463,26 +337,16 @@ class ConnManager(ConnMonitor):
         self, endpoint: Endpoint, app_id: int, headers: dict | None, payload: Payload | None
     ) -> None:
         """Send message to itself (delivered in order on a delivery thread)."""
-        self._loopback_lane.submit((_Loopback(endpoint, app_id, headers, payload),))
+        self._loopback_lane.submit((LoopbackMessage(endpoint, app_id, headers, payload),))
 
-    def _deliver_loopback(self, item: _Loopback) -> None:
+    def _deliver_loopback(self, item: LoopbackMessage) -> None:
         self.loopback_message_task(item.endpoint, item.app_id, item.headers, item.payload)
 
     def loopback_message_task(
         self, endpoint: Endpoint, app_id: int, headers: dict | None, payload: Payload | None
     ) -> None:
         """Deliver a loopback message with the same payload type as a received one."""
-        receiver = self.receivers.get(app_id)
-        if receiver is None:
-            log.debug("%s: no receiver for loopback app_id %d", self.local_endpoint.name, app_id)
-            return
-        if payload is not None and not isinstance(payload, (bytes, bytearray, memoryview)):
-            payload = b"".join(payload)
-        view = memoryview(payload) if payload is not None and len(payload) else None
-        try:
-            receiver.process_message(self.local_endpoint, self.null_conn, app_id, Message(headers or None, view))
-        except Exception:
-            log.exception("%s: loopback receiver for app_id %d failed", self.local_endpoint.name, app_id)
+        deliver_loopback(self.receivers, self.local_endpoint, self.null_conn, app_id, headers, payload)
 
     # -- endpoints and receivers ---------------------------------------------------------
 
@@ -532,7 +396,7 @@ class ConnManager(ConnMonitor):
         if sfm_ep is None:
             return
         conns = list(sfm_ep.connections)
-        self._linger(conns, self.linger)
+        linger_on(conns, self.linger, self.local_endpoint.name)
         for sfm_conn in conns:
             sfm_conn.close()
 
@@ -545,29 +409,3 @@ class ConnManager(ConnMonitor):
         if not isinstance(value, dict):
             raise CommError(CommError.BAD_DATA, f"payload is not a map: {type(value).__name__}")
         return value
-
-    # -- heartbeats and timeouts ---------------------------------------------------------
-
-    def _heartbeat_loop(self) -> None:
-        while not self._stop_event.wait(self.heartbeat_check):
-            now = time.monotonic()
-            for sfm_conn in list(self.sfm_conns.values()):
-                try:
-                    self._tick(sfm_conn, now)
-                except Exception:
-                    log.exception("heartbeat check failed on %s", sfm_conn.name)
-
-    def _tick(self, sfm_conn: SfmConnection, now: float) -> None:
-        session = sfm_conn.session
-        if sfm_conn.receiving():
-            session.heard(now)  # its frames wait for our receiver: we are the slow one
-        event = session.tick(now)
-        if type(event) is PingDue:
-            try:
-                sfm_conn.send_control(event.frame)
-            except CommError as e:
-                log.info("%s: PING on %s failed: %s", self.local_endpoint.name, sfm_conn.name, e)
-        elif type(event) is Expired:
-            peer = sfm_conn.sfm_endpoint.endpoint.name if sfm_conn.sfm_endpoint else "an unnamed peer"
-            log.warning("%s: closing %s to %s: %s", self.local_endpoint.name, sfm_conn.name, peer, event.reason)
-            sfm_conn.close()

@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from .driver import ConnectorInfo, Mode
+from .driver import ConnectorInfo, Driver, Mode
+from .errors import CommError
+from .url import parse_url
+
+if TYPE_CHECKING:
+    from .registry import DriverRegistry
 
 log = logging.getLogger(__name__)
 
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*$")
 _handle_lock = threading.Lock()
 _handle_count = 0
 
@@ -20,6 +29,25 @@ def get_handle() -> str:
     with _handle_lock:
         _handle_count += 1
         return f"CH{_handle_count:05d}"
+
+
+def resolve_driver(driver: Driver | str, params: dict | None, registry: DriverRegistry) -> tuple[Driver, dict]:
+    """The driver and params for ``add_connector``: ``driver`` is a Driver, a URL
+    (``tcp://0:8002``, its query becoming params) or a scheme. Raises ``CommError``."""
+    params = dict(params or {})
+    if isinstance(driver, str):
+        if "://" in driver or not _SCHEME.match(driver):
+            params = {**parse_url(driver), **params}
+            scheme = params["scheme"]
+        else:
+            scheme = driver.lower()
+            params.setdefault("scheme", scheme)
+        driver = registry.create_driver(scheme)
+    elif not isinstance(driver, Driver):
+        raise CommError(CommError.BAD_CONFIG, f"add_connector needs a Driver, URL or scheme, got {driver!r}")
+    if "scheme" not in params:
+        params["scheme"] = driver.supported_transports()[0]
+    return driver, params
 
 
 def run_connector(
@@ -63,3 +91,48 @@ def stop_connector(connector: ConnectorInfo, thread: threading.Thread | None) ->
         thread.join(10.0)
         if thread.is_alive():
             log.warning("connector thread %s did not stop", thread.name)
+
+
+class ConnectorSet:
+    """The connectors of one ConnManager and the threads that run them."""
+
+    def __init__(self, reconnect_min: float, reconnect_max: float) -> None:
+        self.reconnect_min = reconnect_min
+        self.reconnect_max = reconnect_max
+        self.by_handle: dict[str, ConnectorInfo] = {}
+        self.stop_event = threading.Event()
+        self._threads: dict[str, threading.Thread] = {}
+
+    def get(self, handle: str) -> ConnectorInfo:
+        """The connector for a handle; ``CommError(BAD_CONFIG)`` if unknown."""
+        connector = self.by_handle.get(handle)
+        if connector is None:
+            raise CommError(CommError.BAD_CONFIG, f"no connector with handle {handle!r}")
+        return connector
+
+    def start(self, connector: ConnectorInfo, task: Callable[..., None]) -> None:
+        """Run ``task(connector, stop_event, reconnect_min, reconnect_max)`` on a new thread, once."""
+        if connector.started:
+            return
+        connector.started = True
+        t = threading.Thread(
+            target=task,
+            args=(connector, self.stop_event, self.reconnect_min, self.reconnect_max),
+            name=f"sfm-{connector.mode.value}-{connector.handle}",
+            daemon=True,
+        )
+        self._threads[connector.handle] = t
+        t.start()
+
+    def remove(self, handle: str) -> None:
+        """Stop one connector and join its thread (unknown handles are ignored)."""
+        connector = self.by_handle.pop(handle, None)
+        thread = self._threads.pop(handle, None)
+        if connector is not None:
+            stop_connector(connector, thread)
+
+    def stop_all(self) -> None:
+        """Stop every connector and join their threads."""
+        self.stop_event.set()
+        for handle in list(self.by_handle):
+            self.remove(handle)

@@ -401,4 +401,3 @@ _RECEIVE = {
 
 def _type_name(ftype: int) -> str:
     return FrameType(ftype).name if ftype in _KNOWN_TYPES else f"unknown type {ftype}"
-

@@ -132,6 +132,29 @@ class SfmConnection:
         self.conn.close()
 
 
+def linger_on(sfm_conns: list[SfmConnection], linger: float, local_name: str) -> int:
+    """Refuse new DATA on ``sfm_conns``, then wait up to ``linger`` s in all for what they
+    accepted to reach the transport; log (WARNING) and return how many frames did not."""
+    for sfm_conn in sfm_conns:
+        sfm_conn.session.begin_close()
+    deadline = time.monotonic() + linger
+    dropped = 0
+    for sfm_conn in sfm_conns:
+        left = sfm_conn.drain(max(0.0, deadline - time.monotonic()))
+        if left:
+            dropped += left
+            ep = sfm_conn.sfm_endpoint
+            log.warning(
+                "%s: %d frame(s) accepted for %s on %s were not sent within the %.1f s linger; dropped",
+                local_name,
+                left,
+                ep.endpoint.name if ep else "an unnamed peer",
+                sfm_conn.name,
+                linger,
+            )
+    return dropped
+
+
 class NullConnection(Connection):
     """The connection given to receivers of loopback messages (sent to ourselves)."""
 

@@ -1,0 +1,78 @@
+"""Admitting a peer whose handshake arrived: record it in the endpoint table, answer READY
+(passive side), close the connections it replaced, and tell monitors it is READY."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from .endpoint import Endpoint
+from .endpoint_table import EndpointTable, Registration
+from .handshake import PeerHello
+from .sfm_connection import SfmConnection
+
+log = logging.getLogger(__name__)
+
+
+class Admission:
+    """The steps of a handshake that touch the endpoint table, in the order that keeps
+    peers and monitors consistent (``docs/architecture.md``)."""
+
+    def __init__(
+        self, table: EndpointTable, local_name: str, notify: Callable[[Endpoint], None], live_window: float
+    ) -> None:
+        self.table = table
+        self.local_name = local_name
+        self.notify = notify
+        #: A replaced connection heard from within this many seconds was live, not stale.
+        self.live_window = live_window
+
+    def accept(self, sfm_conn: SfmConnection, peer: PeerHello) -> None:
+        """Passive side: record the peer, answer READY, close what it replaced, tell monitors."""
+        # Record the endpoint before READY goes out, so a peer that has READY is known here
+        # (and of two connections claiming one name, the one answered last is kept). The send
+        # lock is held throughout: a message sent to the endpoint the moment it is known
+        # still goes out after READY.
+        session = sfm_conn.session
+        conn_props = sfm_conn.conn.get_conn_properties()
+        with sfm_conn._send_lock:
+            sfm_conn.conn.extensions = session.driver_extensions
+            registration = self.table.register(sfm_conn, peer, conn_props)
+            if registration is None:
+                return  # closed while the handshake was on its way
+            session.stream_ids = registration.sfm_ep.stream_ids
+            try:
+                sfm_conn._write(session.accept(time.time()))
+            except BaseException:
+                self.table.undo(sfm_conn, registration)
+                raise
+        self._settle(registration)
+
+    def register(self, sfm_conn: SfmConnection, peer: PeerHello) -> None:
+        """Active side (READY arrived): record the peer, close what it replaced, tell monitors."""
+        registration = self.table.register(sfm_conn, peer, sfm_conn.conn.get_conn_properties())
+        if registration is not None:
+            sfm_conn.session.stream_ids = registration.sfm_ep.stream_ids
+            self._settle(registration)
+
+    def _settle(self, registration: Registration) -> None:
+        """Close the connections a registration replaced; tell monitors the endpoint is READY."""
+        name = registration.sfm_ep.endpoint.name
+        now = time.monotonic()
+        for old in registration.replaced:
+            if now - old.session.last_heard < self.live_window:
+                # Not a stale half-open connection: two live ones claim the same name (two
+                # connectors of one endpoint to us, or two processes with one name).
+                log.warning(
+                    "%s: a second live connection claims endpoint %r; closing the older %s, as NVFlare does "
+                    "(one connection per endpoint: two connectors from one endpoint to one peer replace each other)",
+                    self.local_name,
+                    name,
+                    old.name,
+                )
+            else:
+                log.info("%s: %s replaced by a newer connection from %s", self.local_name, old.name, name)
+            old.close()
+        self.table.announce(registration)
+        self.table.tell(self.notify)
