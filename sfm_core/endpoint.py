@@ -48,4 +48,6 @@ class EndpointMonitor(ABC):
 
     @abstractmethod
     def state_change(self, endpoint: Endpoint) -> None:
-        """Called off the I/O threads; ``endpoint.state`` is the new state."""
+        """Called in the order the changes happened, one call at a time, on whichever core
+        thread decided the change (possibly a driver's I/O thread); ``endpoint.state`` is the
+        new state. Must return quickly."""

@@ -198,8 +198,8 @@ class FrameDecoder:
     ``bytes``. That buffer starts at ``initial_size`` (an idle connection costs little) and
     doubles, up to ``buffer_size``, whenever a read fills it. A frame that does not fit in
     half the buffer (or exceeds ``large_frame``) gets its own buffer sized from its prefix (a
-    ``bytearray``, or from 1 MiB an anonymous ``mmap`` whose pages are committed only as data
-    arrives), and :meth:`get_buffer` then hands out the rest of that buffer, so the payload is
+    ``bytearray``, or from ``LAZY_FRAME`` (16 MiB) an anonymous ``mmap`` whose pages are
+    committed only as data arrives), and :meth:`get_buffer` then hands out the rest of that buffer, so the payload is
     received in place and never copied again.
     """
 

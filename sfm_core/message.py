@@ -36,4 +36,5 @@ class MessageReceiver(ABC):
 
     @abstractmethod
     def process_message(self, endpoint: Endpoint, connection: Connection, app_id: int, message: Message) -> None:
-        """Called on a delivery thread, never on an I/O thread. Blocking here slows the sender."""
+        """Called in order, one message of a connection at a time: on the driver's I/O thread
+        for inline drivers (TCP), else on a delivery thread. Blocking here slows the sender."""
