@@ -43,7 +43,7 @@ class Admission:
                 return  # closed while the handshake was on its way
             session.stream_ids = registration.sfm_ep.stream_ids
             try:
-                sfm_conn._write(session.accept(time.time()))
+                sfm_conn.write_locked(session.accept(time.time()))
             except BaseException:
                 self.table.undo(sfm_conn, registration)
                 raise

@@ -318,7 +318,7 @@ class ConnManager(ConnMonitor):
         handed to the driver: at most once, and not yet at the peer (``docs/architecture.md``).
         Raises ``CommError``.
         """
-        sfm_ep = self.endpoints.get(endpoint.name)
+        sfm_ep = self.endpoints.by_name.get(endpoint.name)
         if sfm_ep is None or not sfm_ep.connections:
             if endpoint.name == self.local_endpoint.name:
                 self.send_loopback_message(endpoint, app_id, headers, payload)

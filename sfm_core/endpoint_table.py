@@ -65,6 +65,9 @@ class EndpointTable:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._endpoints: dict[str, SfmEndpoint] = {}
+        #: Name -> endpoint, to read without a lock (the send path); change it only through
+        #: the methods below.
+        self.by_name = self._endpoints
         # Names whose READY was queued for monitors and no DISCONNECTED since: what they believe.
         self._announced: set[str] = set()
         self._notices: deque[Endpoint] = deque()

@@ -235,7 +235,7 @@ class Session:
             decoded = fr.decode_frame(frame, self.max_frame_size)
         except CommError as e:
             return self._error(e.message or str(e))
-        if decoded.type == FrameType.DATA and self.state is State.OPEN:
+        if decoded.type == _DATA and self.state is _OPEN:
             return decoded  # the hot path
         handler = _RECEIVE.get((self.state, decoded.type))
         if handler is None:
@@ -325,7 +325,7 @@ class Session:
         numbers go out in order. Raises ``CommError`` before anything is sent: CLOSED unless
         OPEN, BAD_DATA for headers msgpack cannot encode or a frame over either side's limit.
         """
-        if self.state is not State.OPEN:
+        if self.state is not _OPEN:
             code = CommError.NOT_READY if self.state is State.ACCEPTING else CommError.CLOSED
             raise CommError(code, f"connection is {self.state.value}")
         hb = fr.encode_headers(headers) if headers else b""
@@ -341,7 +341,7 @@ class Session:
         length = PREFIX_LEN + len(hb) + size
         if length > self.send_limit:
             self._too_big(length, len(hb))
-        head = PREFIX.pack(length, len(hb), FrameType.DATA, 0, 0, app_id, stream_id, next(self._sequence) & 0xFFFF)
+        head = PREFIX.pack(length, len(hb), _DATA, 0, 0, app_id, stream_id, next(self._sequence) & 0xFFFF)
         return [head + hb if hb else head, *bufs]
 
     def _too_big(self, length: int, header_len: int) -> None:
@@ -385,6 +385,9 @@ class Session:
 
 
 _KNOWN_TYPES = frozenset(int(t) for t in FrameType)
+# Plain values for the hot paths: an enum member lookup costs more than the rest of a check.
+_DATA = int(FrameType.DATA)
+_OPEN = State.OPEN
 
 _HEARTBEAT_STATES = (State.AWAIT_HELLO, State.AWAIT_READY, State.ACCEPTING, State.OPEN, State.CLOSING)
 

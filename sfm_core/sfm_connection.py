@@ -63,24 +63,28 @@ class SfmConnection:
 
     def send_data(self, app_id: int, stream_id: int, headers: dict | None, payload: Payload | None) -> None:
         """Send one DATA frame as ``[head, *payload]``: the payload is never copied."""
-        lock = self._send_lock
-        lock.acquire()
-        try:
-            self._write(self.session.data_frame(app_id, stream_id, headers, payload))
-        finally:
-            lock.release()
-            if self._urgent:
-                self._flush_urgent()
+        with self._send_lock:
+            frame = self.session.data_frame(app_id, stream_id, headers, payload)
+            try:
+                self.conn.send_frame(frame)
+            except CommError:
+                raise
+            except Exception as e:
+                raise CommError(CommError.ERROR, f"send on {self.conn.name} failed: {type(e).__name__}: {e}") from e
+            finally:
+                if self._urgent:
+                    self._flush_urgent_locked()
 
     def send(self, frame: Payload) -> None:
         """Send one encoded frame in turn with the data frames."""
         with self._send_lock:
-            self._write(frame)
-        if self._urgent:
-            self._flush_urgent()
+            self.write_locked(frame)
+            if self._urgent:
+                self._flush_urgent_locked()
 
-    def _write(self, frame: Payload) -> None:
-        # Called with the send lock held. Drivers have always been handed a list of buffers.
+    def write_locked(self, frame: Payload) -> None:
+        """Send one encoded frame; the caller holds ``_send_lock``. (Drivers have always been
+        handed a list of buffers.)"""
         try:
             self.conn.send_frame(frame if isinstance(frame, list) else [frame])
         except CommError:
@@ -95,18 +99,23 @@ class SfmConnection:
         self._urgent.append(frame)
         self._flush_urgent()
 
+    def _flush_urgent_locked(self) -> None:
+        # The send lock is held: write the queued control frames after the frame just sent.
+        try:
+            while self._urgent:
+                self.conn.send_frame([self._urgent.popleft()])
+        except Exception as e:  # the connection is failing; its close follows
+            log.info("control frame on %s not sent: %s", self.conn.name, e)
+            self._urgent.clear()
+
     def _flush_urgent(self) -> None:
-        # If the lock is taken, its holder sends the queue when it lets go (send_data checks
-        # after releasing, and this checks after appending), so no frame is left behind.
+        # If the lock is taken, its holder sends the queue before it lets go (send_data checks
+        # after its frame, and this checks after appending), so no frame is left behind.
         while self._urgent:
             if not self._send_lock.acquire(False):
                 return
             try:
-                while self._urgent:
-                    self.conn.send_frame([self._urgent.popleft()])
-            except Exception as e:  # the connection is failing; its close follows
-                log.info("control frame on %s not sent: %s", self.conn.name, e)
-                self._urgent.clear()
+                self._flush_urgent_locked()
             finally:
                 self._send_lock.release()
 
@@ -145,7 +154,7 @@ def linger_on(sfm_conns: list[SfmConnection], linger: float, local_name: str) ->
             dropped += left
             ep = sfm_conn.sfm_endpoint
             log.warning(
-                "%s: %d frame(s) accepted for %s on %s were not sent within the %.1f s linger; dropped",
+                "%s: %d frame(s) accepted for %s on %s still unsent after the %.1f s linger; closing drops them",
                 local_name,
                 left,
                 ep.endpoint.name if ep else "an unnamed peer",
