@@ -123,11 +123,10 @@ def _check_heartbeat(ours: ConnManager, nv, our_name: str, nv_name: str) -> None
     downs_before = len(nv.state_events(our_name))
     # Stay silent and watch PING/PONG go both ways.
     wait_until(
-        lambda: FrameType.PING in spy.types and FrameType.PONG in spy.types and FrameType.PONG in sent,
+        lambda: {FrameType.PING, FrameType.PONG} <= set(spy.types) and {FrameType.PING, FrameType.PONG} <= set(sent),
         timeout=8.0,
         what=f"PING and PONG both ways (received {spy.types}, sent {sent})",
     )
-    assert FrameType.PING in sent
     time.sleep(scaled(1.0))
     # The connection stayed up through the silence on both sides.
     assert ours.find_endpoint(nv_name).state == EndpointState.READY
