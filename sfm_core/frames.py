@@ -92,6 +92,8 @@ def _as_bytes_view(buf: Buffer) -> Buffer:
 
 def encode_headers(headers: dict) -> bytes:
     """msgpack-encode a header map; ``CommError(BAD_DATA)`` if it cannot be or is too large."""
+    if not isinstance(headers, dict):
+        raise CommError(CommError.BAD_DATA, f"headers must be a dict, got {type(headers).__name__}")
     try:
         encoded = msgpack.packb(headers)
     except (TypeError, ValueError, OverflowError) as e:

@@ -56,9 +56,12 @@ def build_handshake(
     only with ``frame-limit`` among them, so a plain peer sees the original map.
     ``timestamp`` defaults to now (wall clock, seconds since the epoch).
     """
-    data = dict(properties) if properties else {}
-    data[ENDPOINT_NAME_KEY] = name
-    data[TIMESTAMP_KEY] = time.time() if timestamp is None else timestamp
+    # The order NVFlare writes: name, timestamp, then the properties.
+    stamp = time.time() if timestamp is None else timestamp
+    data: dict = {ENDPOINT_NAME_KEY: name, TIMESTAMP_KEY: stamp}
+    if properties:
+        data.update(properties)
+        data[ENDPOINT_NAME_KEY], data[TIMESTAMP_KEY] = name, stamp  # ours, whatever the properties say
     ext = sorted(set(extensions))
     if ext:
         data[EXTENSIONS_KEY] = ext

@@ -345,7 +345,7 @@ class Session:
         return [head + hb if hb else head, *bufs]
 
     def _too_big(self, length: int, header_len: int) -> None:
-        if length > self.max_frame_size:
+        if self.send_limit == self.max_frame_size:
             fr.check_prefix(length, header_len, self.max_frame_size)
         raise CommError(
             CommError.BAD_DATA,
@@ -362,9 +362,13 @@ class Session:
     # -- closing ---------------------------------------------------------------------------
 
     def begin_close(self) -> None:
-        """Our side closes: no new DATA is encoded; what was accepted may still drain."""
-        if self.state is not State.CLOSED:
+        """Our side closes: no new DATA is encoded; what was accepted may still drain.
+
+        Before the handshake there is nothing to drain: the session is CLOSED."""
+        if self.state is State.OPEN:
             self.state = State.CLOSING
+        elif self.state is not State.CLOSING:
+            self._close("closed by our side before the handshake completed")
 
     def connection_lost(self, reason: str = "the transport closed") -> None:
         """The transport is gone."""

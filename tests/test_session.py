@@ -271,11 +271,6 @@ def test_ready_to_a_plain_peer_has_no_extension_keys_with_properties() -> None:
     assert hs_map(ready_frame) == {"endpoint_name": "server", "timestamp": TS, "role": "srv"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="handshake.build_handshake writes the properties before endpoint_name and timestamp; NVFlare "
-    "(sfm_conn.send_handshake, tests/interop/FINDINGS.md) writes endpoint_name, timestamp, then the properties",
-)
 def test_ready_to_a_plain_peer_is_nvflares_bytes_with_properties() -> None:
     """With properties, READY to a plain peer is NVFlare's map byte for byte: endpoint_name, timestamp, properties."""
     server = passive()
@@ -491,12 +486,6 @@ def test_data_frame_refuses_unencodable_headers_before_numbering() -> None:
     assert seq(pair.client.data_frame(1, 17, None, b"p")) == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Session.data_frame encodes truthy headers that are not a map (a list, a str): the frame goes out "
-    "and the receiving side closes the connection ('headers must be a msgpack map') instead of data_frame "
-    "raising BAD_DATA before sending",
-)
 def test_data_frame_refuses_headers_that_are_not_a_map() -> None:
     """Headers that are not a map would make the peer close the connection: refused with BAD_DATA up front."""
     pair = Pair().handshake()
@@ -772,18 +761,16 @@ def test_begin_close_refuses_sends_but_delivers_received_data() -> None:
     assert pair.server.state is State.CLOSED
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Session.begin_close() before the handshake moves AWAIT_HELLO/AWAIT_READY to CLOSING, which tick() "
-    "treats as open: the handshake timeout no longer applies (only dead_timeout) and PINGs fall due, so a "
-    "passive side that never sent READY would send a PING first",
-)
-def test_begin_close_before_the_handshake_keeps_the_handshake_rules() -> None:
-    """begin_close() before the handshake: still no PING, and still Expired after handshake_timeout."""
-    session = make("await_hello", liveness=Liveness(interval=1.0, dead_after=3, handshake_timeout=5.0))
+@pytest.mark.parametrize("state", ["await_hello", "await_ready"])
+def test_begin_close_before_the_handshake_closes(state: str) -> None:
+    """begin_close() before the handshake: nothing to drain, so CLOSED: no PING, no timer, a late handshake ignored."""
+    session = make(state, liveness=Liveness(interval=1.0, dead_after=3, handshake_timeout=5.0))
     session.begin_close()
+    assert session.state is State.CLOSED and "before the handshake" in session.close_reason
     assert session.tick(NOW + 1.0) is None  # no PING before READY went out
-    assert isinstance(session.tick(after(NOW + 5.0)), Expired)
+    assert session.tick(after(NOW + 5.0)) is None
+    late = hello() if state == "await_hello" else ready()
+    assert isinstance(session.receive(late), Ignored)
 
 
 def test_pair_stays_alive_with_regular_ticks() -> None:
