@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from helpers import StateLog, wait_until
+from helpers import StateLog, scaled, wait_until
 
 from sfm_core import ConnManager, Endpoint, EndpointState, FrameType, Mode
 from sfm_core.frames import PREFIX, decode_frame, encode_frame
@@ -19,10 +19,10 @@ def test_bad_data_after_the_handshake_still_tells_monitors_disconnected() -> Non
     handle = server.add_connector("ws://127.0.0.1:0", {}, Mode.PASSIVE)
     server.start()
     try:
-        url = server.wait_listening(handle, 5) + "/f3"
+        url = server.wait_listening(handle, scaled(5)) + "/f3"
         with websockets_client.connect(url) as ws:
             ws.send(b"".join(encode_frame(FrameType.HELLO, 0, 1, None, build_handshake("site-1", {}))))
-            assert decode_frame(ws.recv(5)).type == FrameType.READY
+            assert decode_frame(ws.recv(scaled(5))).type == FrameType.READY
             wait_until(lambda: log.events, what="READY")
             ws.send(PREFIX.pack(17, 1, 1, 0, 0, 1, 17, 2) + b"\x01")  # headers: msgpack 1, not a map
             wait_until(lambda: len(log.events) == 2, what="DISCONNECTED")
