@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from .endpoint import Endpoint
 from .endpoint_table import EndpointTable, Registration
 from .handshake import PeerHello
+from .identity import check_identity
 from .sfm_connection import SfmConnection
+from .tls import IDENTITY_BINDING, PEER_CN
 
 log = logging.getLogger(__name__)
 
@@ -20,9 +22,16 @@ class Admission:
     peers and monitors consistent (``docs/architecture.md``)."""
 
     def __init__(
-        self, table: EndpointTable, local_name: str, notify: Callable[[Endpoint], None], live_window: float
+        self,
+        table: EndpointTable,
+        local_name: str,
+        notify: Callable[[Endpoint], None],
+        live_window: float,
+        identity_map: Mapping[str, str] | None = None,
     ) -> None:
         self.table = table
+        #: Explicit endpoint name (or prefix) -> certificate identity, for identity binding.
+        self.identity_map = dict(identity_map or {})
         self.local_name = local_name
         self.notify = notify
         #: A replaced connection heard from within this many seconds was live, not stale.
@@ -36,6 +45,9 @@ class Admission:
         # still goes out after READY.
         session = sfm_conn.session
         conn_props = sfm_conn.conn.get_conn_properties()
+        if not self._identity_ok(sfm_conn, peer, conn_props):
+            session.refuse(f"identity check failed for {peer.name!r}")
+            return
         with sfm_conn._send_lock:
             sfm_conn.conn.extensions = session.driver_extensions
             registration = self.table.register(sfm_conn, peer, conn_props)
@@ -51,10 +63,26 @@ class Admission:
 
     def register(self, sfm_conn: SfmConnection, peer: PeerHello) -> None:
         """Active side (READY arrived): record the peer, close what it replaced, tell monitors."""
-        registration = self.table.register(sfm_conn, peer, sfm_conn.conn.get_conn_properties())
+        conn_props = sfm_conn.conn.get_conn_properties()
+        if not self._identity_ok(sfm_conn, peer, conn_props):
+            sfm_conn.session.connection_lost("the server's identity check failed")
+            return
+        registration = self.table.register(sfm_conn, peer, conn_props)
         if registration is not None:
             sfm_conn.session.stream_ids = registration.sfm_ep.stream_ids
             self._settle(registration)
+
+    def _identity_ok(self, sfm_conn: SfmConnection, peer: PeerHello, conn_props: dict) -> bool:
+        """On mutual TLS, the claimed name must resolve to the certificate's CN; a refused peer
+        is closed before it is recorded or told anything (NVFlare checks after READY)."""
+        if not conn_props.get(IDENTITY_BINDING):
+            return True
+        reason = check_identity(peer.name, conn_props.get(PEER_CN), self.local_name, self.identity_map)
+        if reason is None:
+            return True
+        log.warning("%s: refusing %s from %s: %s", self.local_name, sfm_conn.name, conn_props.get("peer_addr"), reason)
+        sfm_conn.close()
+        return False
 
     def _settle(self, registration: Registration) -> None:
         """Close the connections a registration replaced; tell monitors the endpoint is READY."""

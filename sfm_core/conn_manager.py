@@ -18,7 +18,7 @@ import msgpack
 
 from . import frames as fr
 from .admission import Admission
-from .connectors import ConnectorSet, get_handle, resolve_driver, run_connector
+from .connectors import ConnectorSet, check_params, get_handle, resolve_driver, run_connector
 from .delivery import Dispatcher
 from .driver import Connection, ConnectorInfo, ConnMonitor, ConnState, Driver, Mode
 from .endpoint import Endpoint, EndpointMonitor
@@ -64,6 +64,7 @@ class ConnManager(ConnMonitor):
         delivery_workers: int = 4,
         queue_frames: int = 10_000,
         queue_bytes: int = 64 * 1024 * 1024,
+        identity_map: dict[str, str] | None = None,
     ) -> None:
         validate_endpoint_name(local_endpoint.name)
         if max_frame_size < fr.PREFIX_LEN or max_frame_size > fr.MAX_FRAME_SIZE:
@@ -94,7 +95,9 @@ class ConnManager(ConnMonitor):
         self._lock = threading.RLock()
         self._dispatcher = Dispatcher(delivery_workers)
         self._loopback_lane = self._dispatcher.lane(self._deliver_loopback, max_items=queue_frames)
-        self._admission = Admission(self.endpoints, local_endpoint.name, self.notify_monitors, self.heartbeat_check)
+        self._admission = Admission(
+            self.endpoints, local_endpoint.name, self.notify_monitors, self.heartbeat_check, identity_map
+        )
         self._heartbeat = Heartbeat(local_endpoint.name, lambda: list(self.sfm_conns.values()), self.heartbeat_check)
 
     # -- connectors ----------------------------------------------------------------------
@@ -108,6 +111,7 @@ class ConnManager(ConnMonitor):
         driver, params = resolve_driver(driver, params, self.registry)
         # After the URL's own query params, so that ?max_frame_size= in a URL still wins.
         params.setdefault("max_frame_size", self.max_frame_size)
+        check_params(driver, params, mode)
         with self._lock:
             if self.stopped:
                 raise CommError(CommError.CLOSED, "ConnManager is stopped")
@@ -131,6 +135,19 @@ class ConnManager(ConnMonitor):
     def remove_connector(self, handle: str) -> None:
         """Stop a connector, close its connections and join its thread."""
         self._connectors.remove(handle)  # not under our lock: the driver's threads call us meanwhile
+
+    def reload_tls(self) -> None:
+        """Read every connector's TLS files again: new connections use them, live ones go on.
+
+        Raises ``CommError(BAD_CONFIG)`` naming the first connector whose files are wrong
+        (that connector keeps its old settings)."""
+        for connector in list(self.connectors.values()):
+            try:
+                connector.driver.reload_tls()
+            except CommError as e:
+                raise CommError(
+                    e.code, f"connector {connector.handle} ({connector.params.get('url')}): {e.message}"
+                ) from e
 
     def start_connector(self, connector: ConnectorInfo) -> None:
         """Start connector in a new thread."""

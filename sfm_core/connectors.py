@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from .driver import ConnectorInfo, Driver, Mode
 from .errors import CommError
+from .params import get_param
 from .url import parse_url
 
 if TYPE_CHECKING:
@@ -48,6 +49,18 @@ def resolve_driver(driver: Driver | str, params: dict | None, registry: DriverRe
     if "scheme" not in params:
         params["scheme"] = driver.supported_transports()[0]
     return driver, params
+
+
+def check_params(driver: Driver, params: dict, mode: Mode) -> None:
+    """What ``add_connector`` checks before a connector exists: ``secure`` only where the
+    driver has TLS, then the driver's own :meth:`Driver.validate`."""
+    scheme = params.get("scheme")
+    if get_param(params, "secure", bool, False, driver=scheme or "sfm") and not driver.capabilities().get("tls"):
+        raise CommError(
+            CommError.BAD_CONFIG,
+            f"secure=true on {scheme}://, but its driver {type(driver).__module__}.{type(driver).__name__} has no TLS",
+        )
+    driver.validate(params, mode)
 
 
 def run_connector(

@@ -245,6 +245,17 @@ class Driver(ABC):
     def connect(self, connector: ConnectorInfo) -> None:
         """Open one connection and block until it ends. Raise ``CommError`` if it cannot connect."""
 
+    def validate(self, params: dict, mode: Mode) -> None:
+        """Check a connector's params before anything starts; raise ``CommError(BAD_CONFIG)``
+        naming what is wrong. ``add_connector`` calls it, so a mistake (a bad value, a TLS
+        file that cannot be read) is reported to the caller, not logged from a driver
+        thread. Optional; the default accepts everything."""
+
+    def reload_tls(self) -> None:
+        """Read the TLS files again: new connections use them, live ones go on. Called by
+        ``ConnManager.reload_tls()``; raise ``CommError(BAD_CONFIG)`` (keeping the old
+        settings) if the new files are wrong. Optional; the default does nothing."""
+
     def shutdown(self) -> None:
         """Stop listening/connecting and close every connection of this driver."""
         for conn in self.connections():
