@@ -172,3 +172,37 @@ def test_a_newer_connection_that_cannot_send_ready_does_not_replace_a_working_on
     lose(manager, new)
     assert manager.find_endpoint("site-1") is not None
     assert manager.log.events == [("site-1", EndpointState.READY)]
+
+
+class TlsConnection(RecordingConnection):
+    """A connection whose transport says its peer's certificate is for ``cn`` (mutual TLS)."""
+
+    def __init__(self, cn: str | None, binding: bool = True) -> None:
+        super().__init__()
+        self.props = {"peer_addr": "10.0.0.9:4242", "peer_cn": cn, "identity_binding": binding}
+
+    def get_conn_properties(self) -> dict:
+        return self.props
+
+
+@pytest.mark.parametrize("cn", ["site-2", "Site-1", None])
+def test_a_peer_whose_certificate_is_for_another_name_is_refused_before_ready(manager, cn, caplog) -> None:
+    conn = TlsConnection(cn)
+    connect(manager, conn)  # site-1's HELLO
+    assert conn.sent == []  # no READY: NVFlare sends READY first and checks after; we check first
+    assert conn.state == ConnState.CLOSED
+    assert manager.find_endpoint("site-1") is None and manager.log.events == []
+    assert "refusing" in caplog.text and "'site-1'" in caplog.text and "10.0.0.9:4242" in caplog.text
+
+
+def test_a_peer_whose_certificate_matches_its_name_is_admitted(manager) -> None:
+    conn = TlsConnection("site-1")
+    connect(manager, conn)
+    assert conn.sent == [FrameType.READY]
+    assert manager.find_endpoint("site-1").conn_props["peer_cn"] == "site-1"
+
+
+def test_without_identity_binding_the_certificate_name_is_not_checked(manager) -> None:
+    conn = TlsConnection("someone-else", binding=False)  # connection_security=tls or clear
+    connect(manager, conn)
+    assert conn.sent == [FrameType.READY]
