@@ -10,6 +10,7 @@ import os
 import signal
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -21,9 +22,12 @@ from .endpoint import Endpoint, EndpointMonitor, EndpointState
 from .errors import CommError
 from .message import Message, MessageReceiver
 from .registry import get_registry
+from .tls import SECURE_SCHEMES as _SECURE
 
-#: Schemes that need certificates; the demo cannot run them without a PKI.
-SECURE_SCHEMES = {"stcp", "grpcs", "wss", "https"}
+#: Schemes that need certificates (the demo makes a throwaway PKI for them).
+SECURE_SCHEMES = set(_SECURE)
+#: Command-line options for the TLS connector parameters (same names as NVFlare's).
+TLS_OPTIONS = ("ca_cert", "server_cert", "server_key", "client_cert", "client_key", "connection_security")
 
 
 def _out(line: str = "") -> None:
@@ -82,12 +86,43 @@ class _Echo(MessageReceiver):
             logging.getLogger("sfm.serve").warning("echo to %s failed: %s", endpoint.name, e)
 
 
-def _wait_for_signal() -> None:
+def _tls_params(args: argparse.Namespace) -> dict:
+    """The TLS connector params given as options (``--ca-cert`` ...)."""
+    return {k: getattr(args, k) for k in TLS_OPTIONS if getattr(args, k, None)}
+
+
+def _add_tls_options(p: argparse.ArgumentParser, *, server: bool) -> None:
+    g = p.add_argument_group("TLS (stcp, grpcs, wss, https, or secure=true in the URL)")
+    g.add_argument(
+        "--ca-cert", dest="ca_cert", metavar="PEM", help="CA certificate that signed the peers' certificates"
+    )
+    if server:
+        g.add_argument("--server-cert", dest="server_cert", metavar="PEM", help="this listener's certificate")
+        g.add_argument("--server-key", dest="server_key", metavar="PEM", help="its private key")
+    g.add_argument("--client-cert", dest="client_cert", metavar="PEM", help="this client's certificate (mtls)")
+    g.add_argument("--client-key", dest="client_key", metavar="PEM", help="its private key")
+    g.add_argument(
+        "--connection-security",
+        dest="connection_security",
+        choices=("mtls", "tls", "clear"),
+        help="mtls (default on secure schemes), tls (server certificate only), clear",
+    )
+
+
+def _wait_for_signal(manager: ConnManager) -> None:
     stop = threading.Event()
+    reload = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    while not stop.wait(0.5):
-        pass
+    signal.signal(signal.SIGHUP, lambda *_: reload.set())
+    while not stop.wait(0.2):
+        if reload.is_set():
+            reload.clear()
+            try:
+                manager.reload_tls()
+                print("sfm serve: TLS files reloaded; new connections use them", file=sys.stderr)
+            except CommError as e:
+                print(f"sfm serve: TLS reload failed, the old files stay in use: {e.message}", file=sys.stderr)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -99,9 +134,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if not args.url or not args.name:
             print("sfm serve: give URL and --name, or --config FILE", file=sys.stderr)
             return 2
-        manager = ConnManager(Endpoint(args.name), heartbeat_interval=args.heartbeat)
+        kw = {} if args.heartbeat is None else {"heartbeat_interval": args.heartbeat}
+        manager = ConnManager(Endpoint(args.name), **kw)
         mode = Mode.ACTIVE if args.connect else Mode.PASSIVE
-        handles = [manager.add_connector(args.url, {}, mode)]
+        handles = [manager.add_connector(args.url, _tls_params(args), mode)]
     name = manager.local_endpoint.name
     manager.add_endpoint_monitor(_PrintMonitor())
     if args.echo is not None:
@@ -114,7 +150,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 _out(f"{name} listening on {manager.wait_listening(handle, 10)}")
             else:
                 _out(f"{name} connecting to {connector.params.get('url')}")
-        _wait_for_signal()
+        _wait_for_signal(manager)
     finally:
         manager.stop()
     return 0
@@ -162,9 +198,10 @@ def cmd_ping(args: argparse.Namespace) -> int:
     manager.add_endpoint_monitor(monitor)
     manager.register_message_receiver(args.app_id, waiter)
     try:
-        manager.add_connector(args.url, {}, Mode.ACTIVE)
+        manager.add_connector(args.url, _tls_params(args), Mode.ACTIVE)
     except CommError as e:
         print(f"sfm ping: {e.message}", file=sys.stderr)
+        manager.stop()
         return 2
     t0 = time.perf_counter()
     manager.start()
@@ -198,7 +235,26 @@ def cmd_ping(args: argparse.Namespace) -> int:
 # -- sfm demo ----------------------------------------------------------------------------
 
 
-def _demo_scheme(scheme: str) -> dict:
+def _demo_pki(directory: str) -> tuple[dict, dict]:
+    """Server and client TLS params with certificates made now (a throwaway CA), or raise
+    ImportError when trustme, which makes them, is not installed."""
+    import trustme
+
+    ca = trustme.CA()
+    paths = {}
+    ca.cert_pem.write_to_path(paths.setdefault("ca_cert", os.path.join(directory, "ca.pem")))
+    for name, prefix in (("demo-server", "server"), ("demo-client", "client")):
+        cert = ca.issue_cert("127.0.0.1", "localhost", common_name=name)
+        cert.cert_chain_pems[0].write_to_path(
+            paths.setdefault(f"{prefix}_cert", os.path.join(directory, f"{prefix}.crt"))
+        )
+        cert.private_key_pem.write_to_path(paths.setdefault(f"{prefix}_key", os.path.join(directory, f"{prefix}.key")))
+    server = {k: v for k, v in paths.items() if not k.startswith("client")}
+    client = {k: v for k, v in paths.items() if not k.startswith("server")}
+    return server, client
+
+
+def _demo_scheme(scheme: str, tls: tuple[dict, dict] = ({}, {})) -> dict:
     from .bench.workloads import _wait_ready
 
     server = ConnManager(Endpoint("demo-server", {"role": "server"}))
@@ -221,11 +277,11 @@ def _demo_scheme(scheme: str) -> dict:
     server.register_message_receiver(1, Collect("server", server))
     client.register_message_receiver(1, Collect("client", None))
     try:
-        handle = server.add_connector(f"{scheme}://127.0.0.1:0", {}, Mode.PASSIVE)
+        handle = server.add_connector(f"{scheme}://127.0.0.1:0", dict(tls[0]), Mode.PASSIVE)
         server.start()
         url = server.wait_listening(handle, 10)
         t0 = time.perf_counter()
-        client.add_connector(url, {}, Mode.ACTIVE)
+        client.add_connector(url, dict(tls[1]), Mode.ACTIVE)
         client.start()
         peer = _wait_ready(client, "demo-server", 10)
         _wait_ready(server, "demo-client", 10)
@@ -274,7 +330,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _out("Drivers discovered through entry points:")
     for e in entries:
         _out(f"  {e.scheme:<6} {e.distribution} {e.version}  {e.status}{': ' + e.error if e.error else ''}")
-    schemes = [e.scheme for e in entries if e.status == "ok" and e.scheme not in SECURE_SCHEMES]
+    schemes = [e.scheme for e in entries if e.status == "ok"]
     only = os.environ.get("SFM_DEMO_SCHEMES")
     if only:  # e.g. tests that want one transport
         schemes = [s for s in schemes if s in only.split(",")]
@@ -284,10 +340,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _out("")
     rows = [("scheme", "handshake ms", "RTT p50 us", "8 MiB up MB/s", "8 MiB down MB/s", "messages", "result")]
     failed = 0
+    pki_dir = tempfile.TemporaryDirectory(prefix="sfm-demo-pki-")
+    try:
+        pki = _demo_pki(pki_dir.name) if SECURE_SCHEMES & set(schemes) else None
+    except ImportError:
+        pki = None
+        _out("secure schemes skipped: the demo makes its certificates with trustme (pip install trustme)")
+        schemes = [s for s in schemes if s not in SECURE_SCHEMES]
     for i, scheme in enumerate(schemes, 1):
         _out(f"[{i}/{len(schemes)}] {scheme}: two endpoints on loopback, handshake, 200 pings, 8 MiB both ways ...")
         try:
-            r = _demo_scheme(scheme)
+            r = _demo_scheme(scheme, pki if pki and scheme in SECURE_SCHEMES else ({}, {}))
         except Exception as e:
             failed += 1
             rows.append((scheme, "-", "-", "-", "-", "-", f"FAILED: {type(e).__name__}: {e}"))
@@ -304,6 +367,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 "ok" if r["ok"] else "INCOMPLETE",
             )
         )
+    pki_dir.cleanup()
     _out("")
     _out(_table(rows))
     return 1 if failed else 0
@@ -355,7 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE", help="a TOML file with the endpoint and its connectors")
     p.add_argument("--connect", action="store_true", help="connect to URL instead of listening")
     p.add_argument("--echo", type=int, metavar="APP_ID", help="echo DATA on APP_ID back to its sender")
-    p.add_argument("--heartbeat", type=float, default=60.0, help="heartbeat interval in seconds")
+    p.add_argument("--heartbeat", type=float, help="heartbeat interval in seconds (default 30)")
+    _add_tls_options(p, server=True)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("ping", help="round trips against an endpoint serving --echo")
@@ -365,6 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=100, help="payload bytes")
     p.add_argument("--app-id", type=int, default=1)
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the handshake")
+    _add_tls_options(p, server=False)
     p.set_defaults(func=cmd_ping)
 
     p = sub.add_parser("demo", help="every installed driver on loopback: handshake, messages, a table")
