@@ -9,14 +9,18 @@ Usage::
 
     python nvflare_peer.py --name site-1 [--prop KEY=VALUE ...] [--props-json JSON]
                            [--app-ids 1,2,3] [--echo APP_ID] [--heartbeat SECONDS]
-                           [--log-level WARNING] [--no-payload-in-events]
+                           [--log-level WARNING] [--log-events LEVEL] [--no-payload-in-events]
 
 Protocol (one JSON object per line, UTF-8):
 
 stdin, commands (an optional "id" field is copied into the reply)::
 
-    {"cmd": "add_connector", "url": "tcp://127.0.0.1:5000", "mode": "active"|"passive"}
+    {"cmd": "add_connector", "url": "tcp://127.0.0.1:5000", "mode": "active"|"passive",
+     "secure": false, "resources": {...}|null}
         -> {"reply": "add_connector", "ok": true, "handle": "CH00001", "params": {...}}
+       (``Communicator.add_connector(url, mode, secure, resources)``: resources are driver
+       params, e.g. TLS: ca_cert, server_cert, server_key, client_cert, client_key,
+       connection_security; a secure scheme (stcp, grpcs, https) turns TLS on by itself)
     {"cmd": "remove_connector", "handle": "CH00001"}
     {"cmd": "start"}
     {"cmd": "send", "to": NAME, "app_id": N, "headers": {...}|null, "payload_b64": B64|null,
@@ -40,6 +44,8 @@ stdout, events (asynchronous)::
      "payload_b64": B64|null, "payload_type": "bytes"|"bytearray"|"NoneType"|...,
      "payload_len": N|null, "payload_sha256": HEX|null, "conn": CONN_NAME, "n": COUNTER}
     {"event": "error", "where": ..., "error": ...}
+    {"event": "log", "level": "ERROR", "logger": NAME, "message": TEXT}   (with --log-events LEVEL:
+     every log record at LEVEL or above, from any logger, also goes to stderr as usual)
 
 JSON value encoding (headers, properties): str/int/float/bool/None/list as is;
 ``bytes``/``bytearray``/``memoryview`` as ``{"__bytes__": "<base64>"}``; a dict
@@ -125,6 +131,12 @@ def main() -> int:
     )
     ap.add_argument("--log-level", default="WARNING")
     ap.add_argument(
+        "--log-events",
+        default=None,
+        metavar="LEVEL",
+        help="also emit every log record at LEVEL or above as a 'log' event (e.g. NVFlare's refusals)",
+    )
+    ap.add_argument(
         "--no-payload-in-events",
         action="store_true",
         help="omit payload_b64 from message events (payload_len and payload_sha256 remain)",
@@ -135,6 +147,27 @@ def main() -> int:
     logging.basicConfig(stream=sys.stderr, level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     logging.getLogger().setLevel(level)
     logging.getLogger("nvflare").setLevel(level)
+    if args.log_events:
+        log_events_level = getattr(logging, args.log_events.upper(), logging.WARNING)
+
+        class EventHandler(logging.Handler):
+            def emit(self, record):
+                try:
+                    msg = record.getMessage()
+                    if record.exc_info and record.exc_info[1] is not None:
+                        msg += f" [{type(record.exc_info[1]).__name__}: {record.exc_info[1]}]"
+                    emit({"event": "log", "level": record.levelname, "logger": record.name, "message": msg})
+                except Exception:  # never let logging raise into nvflare
+                    pass
+
+        handler = EventHandler(level=log_events_level)
+        logging.getLogger().addHandler(handler)
+        if log_events_level < level:  # records below --log-level must still reach the handler
+            logging.getLogger().setLevel(log_events_level)
+            logging.getLogger("nvflare").setLevel(log_events_level)
+            for h in logging.getLogger().handlers:
+                if h is not handler:
+                    h.setLevel(level)
 
     app_ids = sorted({int(x) for x in args.app_ids.split(",") if x.strip()})
     if args.echo is not None and args.echo not in app_ids:
@@ -149,8 +182,9 @@ def main() -> int:
     from nvflare.fuel.f3.sfm.conn_manager import Mode
 
     # nvflare may have (re)configured logging on import
-    logging.getLogger().setLevel(level)
-    logging.getLogger("nvflare").setLevel(level)
+    root_level = min(level, log_events_level) if args.log_events else level
+    logging.getLogger().setLevel(root_level)
+    logging.getLogger("nvflare").setLevel(root_level)
 
     local = Endpoint(args.name, properties=props)
     comm = comm_mod.Communicator(local)
@@ -235,8 +269,10 @@ def main() -> int:
         if mode_s not in ("active", "passive"):
             raise ValueError(f"mode must be 'active' or 'passive', not {mode_s!r}")
         mode = Mode.ACTIVE if mode_s == "active" else Mode.PASSIVE
-        handle, params = comm.add_connector(c["url"], mode)
-        return {"handle": handle, "params": to_json({str(k): v for k, v in dict(params).items()})}
+        resources = from_json(c.get("resources")) or None
+        handle, params = comm.add_connector(c["url"], mode, secure=bool(c.get("secure", False)), resources=resources)
+        # keys may be DriverParams members (a str Enum): report their values
+        return {"handle": handle, "params": to_json({str(getattr(k, "value", k)): v for k, v in dict(params).items()})}
 
     def do_send(c):
         ep = comm.find_endpoint(c["to"])

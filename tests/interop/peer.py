@@ -29,6 +29,7 @@ import json
 import os
 import pathlib
 import queue
+import re
 import socket
 import subprocess
 import sys
@@ -96,6 +97,7 @@ class NvflarePeer:
         properties: dict | None = None,
         heartbeat: float | None = None,
         log_level: str = "WARNING",
+        log_events: str | None = None,
         payload_in_events: bool = True,
         python: os.PathLike | None = None,
         startup_timeout: float = 60.0,
@@ -121,6 +123,8 @@ class NvflarePeer:
         self.proc: subprocess.Popen | None = None
 
         argv = [str(python), "-u", str(PEER_SCRIPT), "--name", name, "--log-level", log_level]
+        if log_events:
+            argv += ["--log-events", log_events]
         app_ids = list(app_ids)
         if app_ids:
             argv += ["--app-ids", ",".join(str(int(a)) for a in app_ids)]
@@ -272,6 +276,22 @@ class NvflarePeer:
             start=since,
         )
 
+    def log_events(self, since: int = 0) -> list:
+        """The ``log`` events (``log_events=LEVEL``) from index ``since`` of ``events``."""
+        with self._cond:
+            return [e for e in self._events[since:] if e.get("event") == "log"]
+
+    def wait_for_log(self, pattern: str, timeout: float = 15.0, since: int = 0) -> dict:
+        """Wait for a ``log`` event (needs ``log_events=LEVEL``) whose message matches the
+        regular expression ``pattern`` (``re.search``); returns the event."""
+        rx = re.compile(pattern)
+        return self._wait_event(
+            lambda e: e.get("event") == "log" and rx.search(e.get("message", "")) is not None,
+            timeout,
+            f"a log record matching {pattern!r}",
+            start=since,
+        )
+
     def wait_for_messages(self, n: int, timeout: float = 15.0) -> list:
         """Wait until ``n`` not yet returned messages are there; return them (in arrival
         order, which NVFlare does not keep equal to send order) and consume them."""
@@ -327,15 +347,32 @@ class NvflarePeer:
             raise self._error(f"command {cmd!r} failed: {reply.get('error')}")
         return reply
 
-    def add_connector(self, url: str, mode: str = "active") -> str:
+    def add_connector(
+        self, url: str, mode: str = "active", *, resources: dict | None = None, secure: bool = False
+    ) -> str:
         """Add a connector (mode "active" or "passive"); returns NVFlare's handle.
-        NVFlare cannot listen on port 0 usefully: give a real port (see ``listen``)."""
-        return self.command("add_connector", url=url, mode=mode)["handle"]
+        NVFlare cannot listen on port 0 usefully: give a real port (see ``listen``).
 
-    def listen(self, scheme: str = "tcp", host: str = "127.0.0.1", port: int | None = None) -> str:
+        ``resources`` are driver params handed to ``Communicator.add_connector`` (TLS:
+        ``ca_cert``, ``server_cert``, ``server_key``, ``client_cert``, ``client_key`` as PEM
+        paths, ``connection_security``); a secure scheme (``stcp``, ``grpcs``, ``https``)
+        turns TLS on, ``secure=True`` does on a plain one."""
+        return self.command("add_connector", url=url, mode=mode, secure=bool(secure), resources=to_json(resources))[
+            "handle"
+        ]
+
+    def listen(
+        self,
+        scheme: str = "tcp",
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        *,
+        resources: dict | None = None,
+        secure: bool = False,
+    ) -> str:
         """Add a passive connector on a free port; returns the URL for active peers."""
         url = f"{scheme}://{host}:{port or free_port(host)}"
-        self.add_connector(url, "passive")
+        self.add_connector(url, "passive", resources=resources, secure=secure)
         return url
 
     def remove_connector(self, handle: str) -> None:
