@@ -110,14 +110,16 @@ def _add_tls_options(p: argparse.ArgumentParser, *, server: bool) -> None:
 
 
 def _wait_for_signal(manager: ConnManager) -> None:
-    stop = threading.Event()
-    reload = threading.Event()
+    # The handlers only set flags: a handler runs on this thread between two bytecodes, and
+    # one that took a lock (Event.set) could wait forever for a lock this thread holds.
+    flags = {"stop": False, "reload": False}
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    signal.signal(signal.SIGHUP, lambda *_: reload.set())
-    while not stop.wait(0.2):
-        if reload.is_set():
-            reload.clear()
+        signal.signal(sig, lambda *_: flags.__setitem__("stop", True))
+    signal.signal(signal.SIGHUP, lambda *_: flags.__setitem__("reload", True))
+    while not flags["stop"]:
+        time.sleep(0.1)
+        if flags["reload"]:
+            flags["reload"] = False
             try:
                 manager.reload_tls()
                 print("sfm serve: TLS files reloaded; new connections use them", file=sys.stderr)

@@ -98,7 +98,9 @@ class ConnManager(ConnMonitor):
         self._admission = Admission(
             self.endpoints, local_endpoint.name, self.notify_monitors, self.heartbeat_check, identity_map
         )
-        self._heartbeat = Heartbeat(local_endpoint.name, lambda: list(self.sfm_conns.values()), self.heartbeat_check)
+        self._heartbeat = Heartbeat(
+            local_endpoint.name, lambda: list(self.sfm_conns.values()), self.heartbeat_check, self._abandon
+        )
 
     # -- connectors ----------------------------------------------------------------------
 
@@ -259,6 +261,12 @@ class ConnManager(ConnMonitor):
         if lane is None or not self.started or self.stopped or not lane.finish(lambda: self._gone(sfm_conn, sfm_ep)):
             self._gone(sfm_conn, sfm_ep)
 
+    def _abandon(self, sfm_conn: SfmConnection) -> None:
+        """Close a connection the core gave up on (a dead peer, bad data) and forget it now,
+        without waiting for the driver's graceful close to report it gone."""
+        sfm_conn.close()
+        self.close_connection(sfm_conn.conn)
+
     def _gone(self, sfm_conn: SfmConnection, sfm_ep: SfmEndpoint | None) -> None:
         sfm_conn.session.connection_lost()
         if sfm_ep is not None:
@@ -308,7 +316,7 @@ class ConnManager(ConnMonitor):
             log.warning("%s: closing %s: %s", self.local_endpoint.name, sfm_conn.name, event.reason)
             if sfm_conn.lane is not None:
                 sfm_conn.lane.close()
-            sfm_conn.close()
+            self._abandon(sfm_conn)
         elif kind is Ignored:
             log.warning("%s: %s on %s", self.local_endpoint.name, event.reason, sfm_conn.name)
 

@@ -18,9 +18,17 @@ class Heartbeat:
     """Every ``period`` s: tick each connection's session, send the PINGs it asks for and
     close the connections it declares expired (no handshake in time, a dead peer)."""
 
-    def __init__(self, local_name: str, connections: Callable[[], list[SfmConnection]], period: float) -> None:
+    def __init__(
+        self,
+        local_name: str,
+        connections: Callable[[], list[SfmConnection]],
+        period: float,
+        abandon: Callable[[SfmConnection], None],
+    ) -> None:
         self.local_name = local_name
         self.connections = connections
+        #: Close a connection and forget it at once (its peer is gone: no graceful close).
+        self.abandon = abandon
         self.period = period
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sfm-heartbeat", daemon=True)
@@ -57,4 +65,4 @@ class Heartbeat:
         elif type(event) is Expired:
             peer = sfm_conn.sfm_endpoint.endpoint.name if sfm_conn.sfm_endpoint else "an unnamed peer"
             log.warning("%s: closing %s to %s: %s", self.local_name, sfm_conn.name, peer, event.reason)
-            sfm_conn.close()
+            self.abandon(sfm_conn)

@@ -657,11 +657,12 @@ def test_non_byte_memoryview_payloads_are_sent_whole(managers) -> None:
     ],
 )
 def test_bad_driver_params_are_reported_by_name(managers, query: str, error: str) -> None:
+    # At add_connector, to the caller: not later, logged from a connector thread.
     m = managers("server")
-    handle = m.add_connector(f"tcp://127.0.0.1:0?{query}", {}, Mode.PASSIVE)
-    m.start()
-    with pytest.raises(CommError, match=error):
-        m.wait_listening(handle, scaled(5))
+    with pytest.raises(CommError, match=error) as err:
+        m.add_connector(f"tcp://127.0.0.1:0?{query}", {}, Mode.PASSIVE)
+    assert err.value.code == CommError.BAD_CONFIG
+    assert not m.connectors
 
 
 @pytest.mark.parametrize("gather_us", [0, 50, 2000])

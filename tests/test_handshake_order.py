@@ -206,3 +206,19 @@ def test_without_identity_binding_the_certificate_name_is_not_checked(manager) -
     conn = TlsConnection("someone-else", binding=False)  # connection_security=tls or clear
     connect(manager, conn)
     assert conn.sent == [FrameType.READY]
+
+
+def test_a_dead_peer_is_forgotten_at_once_even_if_its_driver_closes_slowly(manager) -> None:
+    # The heartbeat declares the peer dead; the driver's close (here: never reported, as a
+    # WebSocket close handshake with a vanished peer that waits out its close timeout) must
+    # not keep a dead endpoint READY meanwhile.
+    conn = RecordingConnection()
+    connect(manager, conn)
+    [sfm_conn] = manager.get_connections("site-1")
+    later = sfm_conn.session.last_heard + manager.liveness.dead_timeout + 1
+    manager._heartbeat.tick(sfm_conn, later)
+    assert conn.state == ConnState.CLOSED  # asked to close
+    assert manager.find_endpoint("site-1") is None
+    assert manager.log.events == [("site-1", EndpointState.READY), ("site-1", EndpointState.DISCONNECTED)]
+    lose(manager, conn)  # the driver's report, late: nothing more to tell
+    assert manager.log.events[-1] == ("site-1", EndpointState.DISCONNECTED) and len(manager.log.events) == 2
