@@ -26,6 +26,9 @@ from websockets.server import ServerProtocol
 
 from sfm_core import CommError, Connection, ConnectorInfo
 from sfm_core.frames import HANDSHAKE_MAX_FRAME, PREFIX_LEN, check_prefix
+from sfm_core.tls import TlsSettings, peer_properties
+
+from .tls import TLS_HANDSHAKE_RECORD, describe_tls_error, secure_scheme
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +103,7 @@ class WebSocketConnection(Connection, asyncio.Protocol):
         open_timeout: float,
         close_timeout: float,
         high_water: int,
+        tls: TlsSettings | None = None,
     ) -> None:
         Connection.__init__(self, connector)
         self.driver = driver
@@ -112,6 +116,11 @@ class WebSocketConnection(Connection, asyncio.Protocol):
         self.close_timeout = close_timeout
         self.high_water = high_water
         self.is_server = isinstance(proto, ServerProtocol)
+        #: The connector's TLS settings, or None for plaintext.
+        self.tls = tls
+        self._tls_props: dict = {}
+        # A plaintext listener looks at the first bytes: a TLS ClientHello gets a clear refusal.
+        self._check_first_bytes = self.is_server and tls is None
         self.transport: asyncio.Transport | None = None
         self._peer: object = None
         self._local: object = None
@@ -149,8 +158,12 @@ class WebSocketConnection(Connection, asyncio.Protocol):
     # -- properties ------------------------------------------------------------------------
 
     def get_conn_properties(self) -> dict:
-        """``peer_addr``/``local_addr`` as ``host:port`` strings, and the WebSocket ``path``."""
-        return {"peer_addr": fmt_addr(self._peer), "local_addr": fmt_addr(self._local), "path": self.path}
+        """``peer_addr``/``local_addr`` as ``host:port`` strings, the WebSocket ``path``, and on
+        TLS ``peer_cn``, ``tls_version``, ``tls_cipher``, ``identity_binding``."""
+        props = {"peer_addr": fmt_addr(self._peer), "local_addr": fmt_addr(self._local), "path": self.path}
+        if self._tls_props:
+            props.update(self._tls_props)
+        return props
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -159,6 +172,11 @@ class WebSocketConnection(Connection, asyncio.Protocol):
         self._loop_tid = threading.get_ident()
         self._peer = transport.get_extra_info("peername")
         self._local = transport.get_extra_info("sockname")
+        if self.tls is not None:
+            # With TLS asyncio calls connection_made once the TLS handshake is done.
+            ssl_object = transport.get_extra_info("ssl_object")
+            if ssl_object is not None:
+                self._tls_props = peer_properties(ssl_object, self.tls)
         # Our own bound on the transport buffer; pause_writing/resume_writing drive the flush.
         transport.set_write_buffer_limits(high=self.high_water, low=self.high_water // 4)
         self.driver._live.add(self)
@@ -169,6 +187,11 @@ class WebSocketConnection(Connection, asyncio.Protocol):
             self._write_out()
 
     def data_received(self, data: bytes) -> None:
+        if self._check_first_bytes:
+            self._check_first_bytes = False
+            if data[:1] == bytes((TLS_HANDSHAKE_RECORD,)):
+                self._tls_on_plaintext()
+                return
         proto = self.proto
         proto.receive_data(data)
         events = proto.events_received()
@@ -206,7 +229,21 @@ class WebSocketConnection(Connection, asyncio.Protocol):
             log.info("connection %s to %s lost: %s", self.name, fmt_addr(self._peer), exc)
         opened = self.opened
         if opened is not None and not opened.done():
-            opened.set_exception(CommError(CommError.CLOSED, self._handshake_error("connection closed")))
+            if self.tls is not None:
+                # On TLS 1.3 a listener checks our certificate after our side of the handshake is
+                # done, and asyncio closes without sending the alert: the upgrade gets no answer.
+                if exc is None:
+                    why = (
+                        "connection closed before the WebSocket upgrade was answered, right after the TLS "
+                        "handshake (did the listener refuse our client certificate? its log says why)"
+                    )
+                else:
+                    why = describe_tls_error(exc, self._scheme())
+                    why = f"connection lost before the WebSocket upgrade was answered: {why}"
+                message = f"websocket handshake with {fmt_addr(self._peer)} failed: {why}"
+            else:
+                message = self._handshake_error("connection closed" if exc is None else f"connection closed: {exc}")
+            opened.set_exception(CommError(CommError.CLOSED, message))
         self.driver._live.discard(self)
         self.lost.set()
         if self.added:
@@ -229,6 +266,29 @@ class WebSocketConnection(Connection, asyncio.Protocol):
         receiver = self.frame_receiver
         if receiver is not None:
             receiver.bytes_sent()
+
+    def _scheme(self) -> str:
+        return str((self.connector.params.get("scheme") if self.connector else None) or "ws")
+
+    def _tls_on_plaintext(self) -> None:
+        """A TLS ClientHello reached this plaintext listener: say so, answer 400 (the client's
+        TLS sees bytes that are not TLS) and close."""
+        scheme = self._scheme()
+        log.warning(
+            "connection %s from %s: not a WebSocket client: TLS ClientHello on a plaintext %s listener: the client "
+            "uses %s://?; answering 400 and closing",
+            self.name,
+            fmt_addr(self._peer),
+            scheme,
+            secure_scheme(scheme),
+        )
+        self._reason_logged = True
+        self._responded = True
+        with self._lock:
+            self._closing = True
+        if self.transport is not None:
+            self.transport.write(_BAD_REQUEST)
+            self.transport.close()
 
     # -- the opening handshake -------------------------------------------------------------
 
@@ -360,7 +420,11 @@ class WebSocketConnection(Connection, asyncio.Protocol):
         if proto.handshake_exc is not None or proto.state is not OPEN:
             opened = self.opened
             if opened is not None and not opened.done():
-                opened.set_exception(CommError(CommError.CLOSED, self._handshake_error(str(response.status_code))))
+                message = self._handshake_error(str(response.status_code))
+                body = bytes(response.body or b"")[:300].decode("utf-8", "replace").strip()
+                if body:
+                    message += f": {body}"
+                opened.set_exception(CommError(CommError.CLOSED, message))
             self._reason_logged = True
             if self.transport is not None:
                 self.transport.close()

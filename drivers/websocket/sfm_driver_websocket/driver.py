@@ -1,9 +1,10 @@
-"""The WebSocket driver: ``ws://host:port`` and ``http://host:port`` (NVFlare's http scheme).
+"""The WebSocket driver: ``ws://host:port`` and ``http://host:port`` (NVFlare's http scheme), and
+their TLS forms ``wss://`` and ``https://`` (or ``secure=true``).
 
 Passive: an HTTP/1.1 server on the shared asyncio loop that upgrades ``GET /f3`` to a WebSocket
-(other paths: 404; a plain request: 426/400). Active: connects to ``ws://host:port/f3``. Every
-connection of every connector is a plain ``asyncio.Protocol`` on the one loop of
-``sfm_core.aio``; see ``connection.py``.
+(other paths: 404; a plain request: 426/400). Active: connects to ``ws://host:port/f3``
+(``wss://`` with TLS). Every connection of every connector is a plain ``asyncio.Protocol`` on
+the one loop of ``sfm_core.aio``; see ``connection.py``, and ``tls.py`` for the TLS listener.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import asyncio
 import concurrent.futures
 import functools
 import logging
+import ssl
 import threading
 from typing import Any
 
@@ -20,13 +22,15 @@ from websockets.server import ServerProtocol
 from websockets.uri import parse_uri
 
 import sfm_core
-from sfm_core import CommError, ConnectorInfo, Driver
+from sfm_core import CommError, ConnectorInfo, Driver, Mode
 from sfm_core.aio import LoopThread, acquire_loop, release_loop
 from sfm_core.frames import MAX_FRAME_SIZE
 from sfm_core.params import get_param
+from sfm_core.tls import TlsSettings
 from sfm_core.url import bind_host, connect_address, listening_url
 
 from .connection import WebSocketConnection, fmt_addr
+from .tls import TlsServer, describe_tls_error, secure_scheme
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +43,10 @@ DEFAULT_CLOSE_TIMEOUT = 2.0
 DEFAULT_HIGH_WATER = 4 * 1024 * 1024
 
 
-_param = functools.partial(get_param, driver="websocket driver")
+#: What create_connection raises when TCP connected and the TLS handshake failed.
+_TLS_STAGE_ERRORS = (ssl.SSLError, ConnectionResetError, ConnectionAbortedError, BrokenPipeError)
+DRIVER_NAME = "websocket driver"
+_param = functools.partial(get_param, driver=DRIVER_NAME)
 
 
 class WebSocketDriver(Driver):
@@ -48,7 +55,10 @@ class WebSocketDriver(Driver):
     Params (URL query or dict): ``host``, ``port``, ``path`` (default ``/f3``), ``max_frame_size``
     (the largest message accepted; set on both sides), ``backlog``, ``send_timeout``,
     ``connect_timeout``, ``open_timeout`` (HTTP upgrade), ``close_timeout``, ``high_water``
-    (bytes queued per connection before ``send_frame`` blocks).
+    (bytes queued per connection before ``send_frame`` blocks), and the TLS parameters of
+    :class:`sfm_core.tls.TlsSettings` (``ca_cert``, ``server_cert``, ``server_key``,
+    ``client_cert``, ``client_key``, ``connection_security``, ``check_hostname``,
+    ``tls_handshake_timeout``, ``secure``).
     """
 
     def __init__(self) -> None:
@@ -58,20 +68,22 @@ class WebSocketDriver(Driver):
         self._loop_thread: LoopThread | None = None
         #: Every transport this driver has open (handshaking or not); loop thread only.
         self._live: set[WebSocketConnection] = set()
-        self._servers: list[asyncio.AbstractServer] = []
+        self._servers: list[asyncio.AbstractServer | TlsServer] = []
         #: connect() calls still opening (TCP connect or upgrade); loop thread only.
         self._opening: set[asyncio.Task] = set()
         self._pending = 0
+        #: TLS settings of each connector that uses TLS, by handle (reload_tls reloads them).
+        self._tls: dict[str, TlsSettings] = {}
 
     @staticmethod
     def supported_transports() -> list[str]:
-        return ["ws", "http"]
+        return ["ws", "http", "wss", "https"]
 
     @staticmethod
     def capabilities() -> dict[str, Any]:
         return {
             "max_frame_size": MAX_FRAME_SIZE,
-            "tls": False,
+            "tls": True,
             "io": "websockets sans-I/O protocol on the shared asyncio loop (sfm_core.aio)",
             "path": DEFAULT_PATH,
         }
@@ -102,6 +114,38 @@ class WebSocketDriver(Driver):
             "high_water": _param(params, "high_water", int, DEFAULT_HIGH_WATER),
         }
 
+    # -- checks and TLS ------------------------------------------------------------------
+
+    def validate(self, params: dict, mode: Mode) -> None:
+        """Parse every parameter (and read the TLS files) now, so add_connector reports mistakes."""
+        self._options(params)
+        if mode == Mode.PASSIVE:
+            _param(params, "port", int, 0, minimum=0)
+            _param(params, "backlog", int, DEFAULT_BACKLOG, minimum=1)
+        else:
+            connect_address(params, "websocket")
+            _param(params, "connect_timeout", float, DEFAULT_CONNECT_TIMEOUT, minimum=0.001)
+        TlsSettings.from_params(params, server=mode == Mode.PASSIVE, driver=DRIVER_NAME)
+
+    def _tls_for(self, connector: ConnectorInfo) -> TlsSettings | None:
+        """The connector's TLS settings (made on first use, kept for its reconnects), or None."""
+        with self._lock:
+            settings = self._tls.get(connector.handle)
+        if settings is not None:
+            return settings
+        settings = TlsSettings.from_params(connector.params, server=connector.mode == Mode.PASSIVE, driver=DRIVER_NAME)
+        if settings is not None:
+            with self._lock:
+                settings = self._tls.setdefault(connector.handle, settings)
+        return settings
+
+    def reload_tls(self) -> None:
+        """Read every connector's TLS files again: new connections (and reconnects) use them."""
+        with self._lock:
+            settings = list(self._tls.values())
+        for s in settings:
+            s.reload()
+
     # -- passive -------------------------------------------------------------------------
 
     def listen(self, connector: ConnectorInfo) -> None:
@@ -110,6 +154,10 @@ class WebSocketDriver(Driver):
         port = _param(params, "port", int, 0)
         backlog = _param(params, "backlog", int, DEFAULT_BACKLOG)
         opts = self._options(params)
+        tls = self._tls_for(connector)
+        scheme = str(params.get("scheme") or "ws")
+        if tls is not None:
+            scheme = secure_scheme(scheme)  # also for secure=true on ws:// or http://
         lt = self._acquire()
         loop = lt.loop
         try:
@@ -117,20 +165,29 @@ class WebSocketDriver(Driver):
             def factory() -> WebSocketConnection:
                 # max_size set explicitly: the library default (1 MiB) would cut big frames.
                 proto = ServerProtocol(max_size=opts["max_frame_size"])
-                return WebSocketConnection(self, connector, loop, proto, **opts)
+                return WebSocketConnection(self, connector, loop, proto, tls=tls, **opts)
 
             try:
-                server = lt.run(
-                    loop.create_server(factory, host or None, port, backlog=backlog, reuse_address=True), 30.0
-                )
+                if tls is None:
+                    server: Any = lt.run(
+                        loop.create_server(factory, host or None, port, backlog=backlog, reuse_address=True), 30.0
+                    )
+                else:
+                    server = TlsServer(loop, tls, factory, scheme, opts["close_timeout"])
+                    lt.run(server.start(host or None, port, backlog), 30.0)
             except OSError as e:
                 raise CommError(CommError.ERROR, f"websocket: cannot listen on {host or '*'}:{port}: {e}") from None
             with self._lock:
                 self._servers.append(server)
             try:
                 actual = server.sockets[0].getsockname()
-                connector.listening(listening_url(params.get("scheme", "ws"), params.get("host"), actual[1]))
-                log.info("websocket: listening on %s%s", fmt_addr(actual), opts["path"])
+                connector.listening(listening_url(scheme, params.get("host"), actual[1]))
+                log.info(
+                    "websocket: listening on %s%s%s",
+                    fmt_addr(actual),
+                    opts["path"],
+                    "" if tls is None else f" (TLS, connection_security={tls.security})",
+                )
                 self._stopping.wait()
             finally:
                 lt.run(self._close_server(server, connector), 30.0)
@@ -145,8 +202,11 @@ class WebSocketDriver(Driver):
         self.add_connection(conn)
         conn.added = True
 
-    async def _close_server(self, server: asyncio.AbstractServer, connector: ConnectorInfo) -> None:
-        server.close()
+    async def _close_server(self, server: Any, connector: ConnectorInfo) -> None:
+        if isinstance(server, TlsServer):
+            await server.aclose()
+        else:
+            server.close()
         conns = [c for c in self._live if c.connector is connector]
         for conn in conns:
             conn._close_on_loop()
@@ -164,12 +224,13 @@ class WebSocketDriver(Driver):
         opts = self._options(params)
         if self._stopping.is_set():
             raise CommError(CommError.CLOSED, "websocket driver is shut down")
+        tls = self._tls_for(connector)
         lt = self._acquire()
         try:
             try:
-                # _open keeps one deadline of connect_timeout for TCP connect and upgrade together;
-                # the margin here only covers its cleanup.
-                conn = lt.run(self._open(connector, host, port, timeout, opts), timeout + 5.0)
+                # _open keeps one deadline of connect_timeout for TCP connect, TLS and upgrade
+                # together; the margin here only covers its cleanup.
+                conn = lt.run(self._open(connector, host, port, timeout, opts, tls), timeout + 5.0)
             except (concurrent.futures.CancelledError, asyncio.CancelledError):
                 raise CommError(CommError.CLOSED, "websocket driver is shut down") from None
             except (TimeoutError, concurrent.futures.TimeoutError):
@@ -196,13 +257,25 @@ class WebSocketDriver(Driver):
         finally:
             self._release()
 
-    async def _open(self, connector: ConnectorInfo, host: str, port: int, timeout: float, opts: dict):
+    async def _open(
+        self, connector: ConnectorInfo, host: str, port: int, timeout: float, opts: dict, tls: TlsSettings | None
+    ):
         loop = asyncio.get_running_loop()
         h = f"[{host}]" if ":" in host else host
-        target = f"ws://{h}:{port}{opts['path']}"
+        target = f"{'ws' if tls is None else 'wss'}://{h}:{port}{opts['path']}"
         uri = parse_uri(target)
         proto = ClientProtocol(uri, max_size=opts["max_frame_size"])
-        conn = WebSocketConnection(self, connector, loop, proto, **opts)
+        conn = WebSocketConnection(self, connector, loop, proto, tls=tls, **opts)
+        tls_args: dict = {}
+        if tls is not None:
+            # server_hostname is sent as SNI; the context checks it against the certificate
+            # only with check_hostname=true (off by default, as NVFlare's http driver).
+            tls_args = {
+                "ssl": tls.client_context(),
+                "server_hostname": host,
+                "ssl_handshake_timeout": tls.handshake_timeout,
+                "ssl_shutdown_timeout": opts["close_timeout"],
+            }
         conn.opened = loop.create_future()
         task = asyncio.current_task()
         assert task is not None
@@ -212,7 +285,18 @@ class WebSocketDriver(Driver):
         try:
             # One deadline for the TCP connect and the upgrade together.
             async with asyncio.timeout(timeout):
-                await loop.create_connection(lambda: conn, host, port)
+                try:
+                    await loop.create_connection(lambda: conn, host, port, **tls_args)
+                except OSError as e:
+                    # TLS failures (an ssl error, a reset or the handshake timeout after TCP connected)
+                    # in words; TCP's own errors (refused, unreachable) as they are.
+                    if tls is None or conn.transport is not None or not isinstance(e, _TLS_STAGE_ERRORS):
+                        raise
+                    raise CommError(
+                        CommError.CLOSED,
+                        f"websocket: TLS handshake with {target} failed: "
+                        f"{describe_tls_error(e, str(connector.params.get('scheme') or 'wss'))}",
+                    ) from None
                 return await conn.opened
         except (OSError, TimeoutError, CommError) as e:
             conn.abort()
