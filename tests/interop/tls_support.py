@@ -10,7 +10,7 @@ shows what happened to a connection nobody admits.
 * ``Relay(target_port)``: listens on a free loopback port and copies bytes both ways to
   ``127.0.0.1:target_port``, recording for each connection how many bytes went each way and
   which side ended it first. A refused TLS handshake and a peer closed after its HELLO both
-  show up as a connection the listener's side ended; no driver log text is needed.
+  show up as a connection the listener's side ended first; no driver log text is needed.
 
 Only the test side imports this (trustme is in sfm's venv); the NVFlare peer only reads the
 PEM files.
@@ -119,16 +119,17 @@ class Relay:
         return f"{scheme}://127.0.0.1:{self.port}"
 
     def ended(self) -> list[RelayedConnection]:
-        """The connections that are over (both sides closed)."""
+        """The connections one side has ended (closed, reset, or the target refused): the other
+        side may keep its socket open a while (NVFlare's tcp client does, FINDINGS.md)."""
         with self._lock:
-            return [c for c in self.connections if c.done.is_set()]
+            return [c for c in self.connections if c.first_end is not None]
 
     def _run(self) -> None:
         while not self._stop.is_set():
             for key, _ in self._sel.select(0.05):
                 if key.data is None:
                     self._accept()
-                else:
+                elif key.fileobj in self._pairs:  # not finished by its peer's event of this batch
                     self._pump(key.fileobj)
 
     def _accept(self) -> None:
