@@ -55,6 +55,8 @@ class GrpcConnection(Connection):
         batch_bytes: int,
         channel: Any = None,
         is_server: bool = False,
+        transport: str = "grpc",
+        tls_props: dict | None = None,
     ) -> None:
         self._extensions: frozenset[str] = frozenset()
         self._ext_known = False
@@ -66,6 +68,7 @@ class GrpcConnection(Connection):
         self._is_server = is_server
         self._peer = peer_addr
         self._local = local_addr
+        self._props = {"peer_addr": peer_addr, "local_addr": local_addr, "transport": transport, **(tls_props or {})}
         self._max_frame_size = max_frame_size
         self._send_timeout = send_timeout
         self._send_queue_bytes = send_queue_bytes
@@ -111,8 +114,10 @@ class GrpcConnection(Connection):
         return self._offer
 
     def get_conn_properties(self) -> dict:
-        """``peer_addr`` as gRPC reports it (``ipv4:127.0.0.1:50051``), ``local_addr``, ``transport``."""
-        return {"peer_addr": self._peer, "local_addr": self._local, "transport": "grpc"}
+        """``peer_addr`` as gRPC reports it (``ipv4:127.0.0.1:50051``), ``local_addr``, ``transport``
+        (``grpc`` or ``grpcs``); on TLS also ``peer_cn``, ``tls_version``, ``tls_cipher`` (None:
+        gRPC does not tell it) and ``identity_binding`` (see ``sfm_driver_grpc.tls``)."""
+        return dict(self._props)
 
     # -- sending (any thread; the core serialises sends per connection) --------------------
 

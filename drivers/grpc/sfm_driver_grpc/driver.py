@@ -1,4 +1,4 @@
-"""The gRPC driver: ``grpc://host:port``, NVFlare's ``streamer.Streamer/Stream``, on ``grpc.aio``.
+"""The gRPC driver: ``grpc://host:port`` and ``grpcs://`` (TLS), NVFlare's ``streamer.Streamer/Stream``, on grpc.aio.
 
 Every server, channel and stream of every GrpcDriver runs on the one shared asyncio loop of
 ``sfm_core.aio``: a stream costs a few tasks, not a thread, so a listener has no fixed cap
@@ -18,14 +18,16 @@ from typing import Any
 
 import grpc
 import sfm_core
-from sfm_core import CommError, ConnectorInfo, Driver
+from sfm_core import CommError, ConnectorInfo, Driver, Mode
 from sfm_core.aio import LoopThread, acquire_loop, release_loop
 from sfm_core.frames import MAX_FRAME_SIZE
 from sfm_core.params import get_param
+from sfm_core.tls import TlsSettings
 from sfm_core.url import bind_host, connect_address, listening_url
 
 from . import wire
 from .connection import BATCH_EXTENSION, GrpcConnection
+from .tls import GrpcTls, explain_failure, secure_scheme
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,14 @@ METHOD_PATH = f"/{SERVICE}/{METHOD}"
 DEFAULT_SEND_TIMEOUT = 60.0
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_SEND_QUEUE_BYTES = 16 * 1024 * 1024
+#: A listener closes a connection that has not finished its setup (TCP accepted, TLS, the
+#: client's HTTP/2 SETTINGS) within this many seconds (``grpc.server_handshake_timeout_ms``,
+#: gRPC's own default is 120 s). On grpcs:// the default is ``tls_handshake_timeout``.
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+#: A listener closes a connection with no stream open for this long (``grpc.max_connection_idle_ms``;
+#: gRPC's default is never): a peer that connects and opens no stream is not kept forever.
+DEFAULT_IDLE_TIMEOUT = 30.0
+DRIVER_NAME = "grpc driver"
 #: The most a batch may hold, whatever either side's max_frame_size: part of the
 #: ``grpc-batch`` extension, so a receiver that offers it can size its limit for any sender.
 BATCH_MAX = 256 * 1024
@@ -42,7 +52,7 @@ DEFAULT_BATCH_BYTES = BATCH_MAX
 _GRPC_INT_MAX = 2**31 - 1
 
 
-_param = functools.partial(get_param, driver="grpc driver")
+_param = functools.partial(get_param, driver=DRIVER_NAME)
 
 
 def _options(max_frame_size: int, batch: bool) -> list[tuple[str, Any]]:
@@ -59,6 +69,28 @@ def _options(max_frame_size: int, batch: bool) -> list[tuple[str, Any]]:
         ("grpc.http2.max_frame_size", 16 * 1024 * 1024 - 1),
         ("grpc.http2.lookahead_bytes", 16 * 1024 * 1024),
     ]
+
+
+def _server_options(params: dict, tls: TlsSettings | None) -> list[tuple[str, Any]]:
+    """Bounds on connections that never become a stream (hostile or broken peers)."""
+    default = tls.handshake_timeout if tls is not None else DEFAULT_HANDSHAKE_TIMEOUT
+    handshake = _param(params, "handshake_timeout", float, default, minimum=0.001)
+    idle = _param(params, "idle_timeout", float, DEFAULT_IDLE_TIMEOUT, minimum=0)
+    options = [("grpc.server_handshake_timeout_ms", min(_GRPC_INT_MAX, max(1, int(handshake * 1000))))]
+    if idle > 0:  # 0: never (gRPC's default)
+        options.append(("grpc.max_connection_idle_ms", min(_GRPC_INT_MAX, max(1, int(idle * 1000)))))
+    return options
+
+
+def _target_name_override(params: dict) -> str | None:
+    value = params.get("ssl_target_name_override")
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise CommError(
+            CommError.BAD_CONFIG, f"{DRIVER_NAME}: parameter ssl_target_name_override={value!r} is not a str"
+        )
+    return value
 
 
 def _grpc_style(target: str) -> str:
@@ -85,9 +117,12 @@ def _conn_kwargs(params: dict) -> dict:
 
 
 class GrpcDriver(Driver):
-    """gRPC over an insecure channel. Params: ``host``, ``port``, ``max_frame_size``,
-    ``send_timeout``, ``connect_timeout``, ``send_queue_bytes``, ``batch`` (offer the
-    ``grpc-batch`` extension, default on), ``batch_bytes``.
+    """gRPC, plaintext (``grpc://``) or TLS (``grpcs://``, or ``secure=true``). Params:
+    ``host``, ``port``, ``max_frame_size``, ``send_timeout``, ``connect_timeout``,
+    ``send_queue_bytes``, ``batch`` (offer the ``grpc-batch`` extension, default on),
+    ``batch_bytes``; listener: ``handshake_timeout``, ``idle_timeout``; TLS (``sfm_core.tls``):
+    ``ca_cert``, ``server_cert``, ``server_key``, ``client_cert``, ``client_key``,
+    ``connection_security``, ``tls_handshake_timeout``; connector: ``ssl_target_name_override``.
     """
 
     def __init__(self) -> None:
@@ -95,19 +130,60 @@ class GrpcDriver(Driver):
         self._lock = threading.Lock()
         self._stopping = False
         self._stop_listen = threading.Event()
+        #: TLS of each connector that uses it, by handle (reload_tls reloads them).
+        self._tls: dict[str, GrpcTls] = {}
+        #: The last connect failure reported at WARNING, by connector handle (not repeated each retry).
+        self._last_failure: dict[str, str] = {}
 
     @staticmethod
     def supported_transports() -> list[str]:
-        return ["grpc"]
+        return ["grpc", "grpcs"]
 
     @staticmethod
     def capabilities() -> dict[str, Any]:
         return {
             "max_frame_size": MAX_FRAME_SIZE,
-            "tls": False,
+            "tls": True,
             "io": "grpc.aio on the shared sfm asyncio loop",
             "extensions": [BATCH_EXTENSION],
         }
+
+    # -- checks and TLS --------------------------------------------------------------------------
+
+    def validate(self, params: dict, mode: Mode) -> None:
+        """Parse every parameter and read the TLS files now, so add_connector reports mistakes."""
+        _conn_kwargs(params)
+        tls = TlsSettings.from_params(params, server=mode == Mode.PASSIVE, driver=DRIVER_NAME)
+        if mode == Mode.PASSIVE:
+            _param(params, "port", int, 0, minimum=0)
+            _server_options(params, tls)
+        else:
+            connect_address(params, DRIVER_NAME)
+            _param(params, "connect_timeout", float, DEFAULT_CONNECT_TIMEOUT, minimum=0.001)
+            _target_name_override(params)
+        if tls is not None:
+            GrpcTls(tls)  # the PEM bytes gRPC will get, read once
+
+    def _tls_for(self, connector: ConnectorInfo) -> GrpcTls | None:
+        """The connector's TLS (made on first use, kept for its reconnects), or None."""
+        with self._lock:
+            tls = self._tls.get(connector.handle)
+        if tls is not None:
+            return tls
+        settings = TlsSettings.from_params(connector.params, server=connector.mode == Mode.PASSIVE, driver=DRIVER_NAME)
+        if settings is None:
+            return None
+        tls = GrpcTls(settings)
+        with self._lock:
+            return self._tls.setdefault(connector.handle, tls)
+
+    def reload_tls(self) -> None:
+        """Read every connector's TLS files again: new connections (and reconnects) use them;
+        live ones go on. A listener's server keeps running (dynamic credentials)."""
+        with self._lock:
+            tls = list(self._tls.values())
+        for t in tls:
+            t.reload()
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -136,12 +212,27 @@ class GrpcDriver(Driver):
         host = bind_host(params.get("host"))
         port = _param(params, "port", int, 0)
         kwargs = _conn_kwargs(params)
+        tls = self._tls_for(connector)
+        options = _server_options(params, tls.settings if tls is not None else None)
+        scheme = str(params.get("scheme") or "grpc")
+        if tls is not None:
+            scheme = secure_scheme(scheme)  # also for secure=true on grpc://
         lt = acquire_loop()
         try:
-            server, actual = self._wait(self._submit(lt, self._start_server(lt, connector, host, port, kwargs)), 30)
+            server, actual = self._wait(
+                self._submit(lt, self._start_server(lt, connector, host, port, kwargs, tls, options)), 30
+            )
             try:
-                connector.listening(listening_url(params.get("scheme", "grpc"), params.get("host"), actual))
-                log.info("grpc: listening on %s:%d", host or "*", actual)
+                connector.listening(listening_url(scheme, params.get("host"), actual))
+                if tls is not None:
+                    log.info(
+                        "grpc: listening on %s:%d with TLS (connection_security=%s)",
+                        host or "*",
+                        actual,
+                        tls.settings.security,
+                    )
+                else:
+                    log.info("grpc: listening on %s:%d", host or "*", actual)
                 self._stop_listen.wait()
             finally:
                 # stop(0) cancels every handler, so each connection's run() ends and is removed.
@@ -150,11 +241,18 @@ class GrpcDriver(Driver):
             release_loop()
 
     async def _start_server(
-        self, lt: LoopThread, connector: ConnectorInfo, host: str, port: int, kwargs: dict
+        self,
+        lt: LoopThread,
+        connector: ConnectorInfo,
+        host: str,
+        port: int,
+        kwargs: dict,
+        tls: GrpcTls | None,
+        server_options: list[tuple[str, Any]],
     ) -> tuple[grpc.aio.Server, int]:
         # so_reuseport=0: gRPC sets SO_REUSEPORT by default, which would let a second listener
         # "bind" a port in use instead of failing.
-        options = [*_options(kwargs["max_frame_size"], kwargs["batch"]), ("grpc.so_reuseport", 0)]
+        options = [*_options(kwargs["max_frame_size"], kwargs["batch"]), ("grpc.so_reuseport", 0), *server_options]
         server = grpc.aio.server(options=options)
         listen_host = host or "0.0.0.0"
 
@@ -167,6 +265,8 @@ class GrpcDriver(Driver):
                 peer_addr=context.peer(),
                 local_addr=f"{listen_host}:{actual}",
                 is_server=True,
+                transport="grpcs" if tls is not None else "grpc",
+                tls_props=tls.server_properties(context) if tls is not None else None,
                 **kwargs,
             )
             self.add_connection(conn)
@@ -176,7 +276,7 @@ class GrpcDriver(Driver):
         server.add_generic_rpc_handlers((handler,))
         addr = f"[{host}]:{port}" if ":" in host else f"{listen_host}:{port}"
         try:
-            actual = server.add_insecure_port(addr)
+            actual = server.add_secure_port(addr, tls.server_credentials()) if tls else server.add_insecure_port(addr)
             error = "" if actual else "no port"
         except RuntimeError as e:
             error = str(e)
@@ -196,10 +296,14 @@ class GrpcDriver(Driver):
         host, port = connect_address(params, "grpc")
         timeout = _param(params, "connect_timeout", float, DEFAULT_CONNECT_TIMEOUT)
         kwargs = _conn_kwargs(params)
+        tls = self._tls_for(connector)
+        override = _target_name_override(params)
         target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         lt = acquire_loop()
         try:
-            conn = self._wait(self._submit(lt, self._open(lt, connector, target, timeout, kwargs)), timeout + 10)
+            conn = self._wait(
+                self._submit(lt, self._open(lt, connector, target, timeout, kwargs, tls, override)), timeout + 10
+            )
             # On this (connector) thread, so the core's HELLO is queued before the stream runs.
             self.add_connection(conn)
             if self._stopping:  # shutdown() may have closed the others before this one was added
@@ -210,12 +314,25 @@ class GrpcDriver(Driver):
             release_loop()
 
     async def _open(
-        self, lt: LoopThread, connector: ConnectorInfo, target: str, timeout: float, kwargs: dict
+        self,
+        lt: LoopThread,
+        connector: ConnectorInfo,
+        target: str,
+        timeout: float,
+        kwargs: dict,
+        tls: GrpcTls | None,
+        override: str | None,
     ) -> GrpcConnection:
         # A local subchannel pool: each SFM connection gets its own TCP connection instead of
         # sharing one with every other channel to the same target in this process.
         options = [*_options(kwargs["max_frame_size"], kwargs["batch"]), ("grpc.use_local_subchannel_pool", 1)]
-        channel = grpc.aio.insecure_channel(target, options=options)
+        if tls is not None:
+            if override is not None:
+                # The name the server's certificate must have instead of the dialled host.
+                options.append(("grpc.ssl_target_name_override", override))
+            channel = grpc.aio.secure_channel(target, tls.channel_credentials(), options=options)
+        else:
+            channel = grpc.aio.insecure_channel(target, options=options)
         # Polling get_state() instead of awaiting channel_ready(): a refused connection is
         # reported at once (TRANSIENT_FAILURE), and a cancelled channel_ready() leaves a cycle
         # that keeps grpc.aio's global poller thread alive until the garbage collector runs.
@@ -232,7 +349,7 @@ class GrpcDriver(Driver):
                 if state == grpc.ChannelConnectivity.READY:
                     break
                 if state in (grpc.ChannelConnectivity.TRANSIENT_FAILURE, grpc.ChannelConnectivity.SHUTDOWN):
-                    error = "connection failed"
+                    error = await self._failure(connector, channel, target, tls, override)
                     break
                 if loop.time() > deadline:
                     error = f"not connected within {timeout} s"
@@ -247,6 +364,8 @@ class GrpcDriver(Driver):
         if error:
             del channel
             raise CommError(CommError.CLOSED, f"grpc: cannot connect to {target}: {error}")
+        with self._lock:
+            self._last_failure.pop(connector.handle, None)
         call = channel.stream_stream(METHOD_PATH)()
         return GrpcConnection(
             connector,
@@ -256,8 +375,48 @@ class GrpcDriver(Driver):
             peer_addr=_grpc_style(target),
             local_addr="",
             channel=channel,
+            transport="grpcs" if tls is not None else "grpc",
+            tls_props=tls.client_properties() if tls is not None else None,
             **kwargs,
         )
+
+    async def _failure(
+        self,
+        connector: ConnectorInfo,
+        channel: grpc.aio.Channel,
+        target: str,
+        tls: GrpcTls | None,
+        override: str | None,
+    ) -> str:
+        """Why a channel in TRANSIENT_FAILURE did not connect, in words that say what to fix.
+
+        gRPC tells it only in the status of a call: one made now fails at once (no
+        wait_for_ready) with the channel's last connect error as its details. A TLS mismatch
+        (plaintext to a TLS listener, TLS to a plaintext one, a refused certificate) is
+        logged as a WARNING, once per connector until it changes or a connection succeeds.
+        """
+        call = channel.stream_stream(METHOD_PATH)()
+        try:
+            details = await asyncio.wait_for(call.details(), 5)
+        except (TimeoutError, grpc.RpcError):
+            details = ""
+        finally:
+            call.cancel()
+            del call
+        text, mismatch = explain_failure(details or "connection failed", tls, target, override)
+        with self._lock:
+            repeated = self._last_failure.get(connector.handle) == text
+            if mismatch:
+                self._last_failure[connector.handle] = text
+        if mismatch and not repeated:
+            log.warning(
+                "grpc: connector %s (%s) cannot connect to %s: %s",
+                connector.handle,
+                connector.params.get("url") or connector.params.get("scheme"),
+                target,
+                text,
+            )
+        return text
 
     # -- stop ----------------------------------------------------------------------------------
 
