@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 BATCH_EXTENSION = "grpc-batch"
 
 _LEN_AND_HEADER_LEN = struct.Struct(">IH")
+#: How long a client's close waits for the server to end the call after our last message.
+_GRACEFUL_CLOSE = 2.0
 
 
 class GrpcConnection(Connection):
@@ -274,6 +276,8 @@ class GrpcConnection(Connection):
         while True:
             item = self._take()
             if item is None:
+                if self._closing:
+                    return  # all written: the close goes on (a cancel here could cancel the call)
                 fut = self._wake_fut = loop.create_future()
                 await fut
                 continue
@@ -376,6 +380,8 @@ class GrpcConnection(Connection):
         finally:
             self._mark_closing()
             try:
+                if not self._is_server and self._bad_data is None and not reader.done():
+                    await self._end_gracefully(reader, writer)
                 for task in (reader, writer):
                     task.cancel()
                 await asyncio.gather(reader, writer, return_exceptions=True)
@@ -416,6 +422,19 @@ class GrpcConnection(Connection):
         self._stream.cancel()
         if self._channel is not None:
             await self._channel.close()
+
+    async def _end_gracefully(self, reader: asyncio.Future, writer: asyncio.Future) -> None:
+        """Client side, a close of ours: let the writer finish its message, half-close, and
+        wait (up to _GRACEFUL_CLOSE) for the server to end the call. Cancelling instead would
+        drop what gRPC has taken from us but not yet delivered (stop() lost 740 of 2,000 so);
+        cancelling a task inside read() or write() cancels the whole call."""
+        self._wake_writer()
+        try:
+            await asyncio.wait_for(asyncio.shield(writer), _GRACEFUL_CLOSE)
+            await self._stream.done_writing()
+            await asyncio.wait_for(asyncio.shield(reader), _GRACEFUL_CLOSE)
+        except (TimeoutError, grpc.aio.AioRpcError, grpc.aio.UsageError, RuntimeError) as e:
+            log.debug("connection %s: no graceful end of the stream: %s", self.name, e)
 
     def _mark_closing(self) -> None:
         with self._lock:
