@@ -277,6 +277,9 @@ class WebSocketDriver(Driver):
                 "ssl_shutdown_timeout": opts["close_timeout"],
             }
         conn.opened = loop.create_future()
+        # When the connect is cancelled (shutdown) before the upgrade is answered, nobody awaits
+        # opened: take its exception, or asyncio prints "exception was never retrieved" at exit.
+        conn.opened.add_done_callback(_consume_exception)
         task = asyncio.current_task()
         assert task is not None
         if self._stopping.is_set():  # shutdown() ran before this task could be cancelled by it
@@ -359,3 +362,8 @@ def sfm_bench_baseline(scheme: str) -> Any:
     from .bench import WebSocketBaseline
 
     return WebSocketBaseline("websockets")
+
+
+def _consume_exception(fut: asyncio.Future) -> None:
+    if not fut.cancelled():
+        fut.exception()
