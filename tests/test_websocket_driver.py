@@ -614,7 +614,14 @@ def test_pause_asked_while_taking_early_frames_is_kept(managers):
                 return
 
     fake.run(serve_fast)
-    col = Collector()
+    entered = threading.Event()
+
+    class Stuck(Collector):
+        def process_message(self, *args) -> None:
+            entered.set()  # a delivery thread holds the lane's first batch from here on
+            super().process_message(*args)
+
+    col = Stuck()
     col.gate = threading.Event()  # a receiver that is stuck
     try:
         client = managers("site-1", queue_frames=100)
@@ -625,6 +632,9 @@ def test_pause_asked_while_taking_early_frames_is_kept(managers):
         [sc] = list(client.sfm_conns.values())
         # Paused by the full lane (queue_frames=100), not just held until add_connection.
         wait_until(lambda: sc.lane.paused and not sc.conn.transport.is_reading(), 2.0, what="lane full, paused")
+        # On a loaded machine the delivery thread may take its first batch only now, which
+        # shrinks the queue: count from when it is stuck inside the receiver.
+        assert entered.wait(scaled(5)), "no delivery thread reached the receiver"
         queued = sc.lane.queued
         time.sleep(0.3)
         assert not sc.conn.transport.is_reading()
