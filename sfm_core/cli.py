@@ -240,20 +240,10 @@ def cmd_ping(args: argparse.Namespace) -> int:
 def _demo_pki(directory: str) -> tuple[dict, dict]:
     """Server and client TLS params with certificates made now (a throwaway CA), or raise
     ImportError when trustme, which makes them, is not installed."""
-    import trustme
+    from .pki import make_pki
 
-    ca = trustme.CA()
-    paths = {}
-    ca.cert_pem.write_to_path(paths.setdefault("ca_cert", os.path.join(directory, "ca.pem")))
-    for name, prefix in (("demo-server", "server"), ("demo-client", "client")):
-        cert = ca.issue_cert("127.0.0.1", "localhost", common_name=name)
-        cert.cert_chain_pems[0].write_to_path(
-            paths.setdefault(f"{prefix}_cert", os.path.join(directory, f"{prefix}.crt"))
-        )
-        cert.private_key_pem.write_to_path(paths.setdefault(f"{prefix}_key", os.path.join(directory, f"{prefix}.key")))
-    server = {k: v for k, v in paths.items() if not k.startswith("client")}
-    client = {k: v for k, v in paths.items() if not k.startswith("server")}
-    return server, client
+    pki = make_pki(directory, "demo-server", "demo-client")
+    return pki.server, pki.client
 
 
 def _demo_scheme(scheme: str, tls: tuple[dict, dict] = ({}, {})) -> dict:
@@ -380,19 +370,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import runner
+    from .pki import available as pki_available
 
     registry = get_registry()
-    schemes = args.schemes or [
-        e.scheme for e in registry.load_all() if e.status == "ok" and e.scheme not in SECURE_SCHEMES
-    ]
-    # One scheme per driver class (ws and http are the same transport): its first one.
-    by_class: dict[type, list[str]] = {}
-    for scheme in schemes:
-        by_class.setdefault(registry.get_driver_class(scheme), []).append(scheme)
-    unique = []
-    for cls, names in by_class.items():
-        preferred = [t for t in cls.supported_transports() if t in names]
-        unique.append(preferred[0] if preferred else names[0])
+    unique = runner.pick_schemes(registry, args.schemes or [e.scheme for e in registry.load_all() if e.status == "ok"])
+    secure = [s for s in unique if s in SECURE_SCHEMES]
+    if secure and not pki_available():
+        print(
+            f"sfm bench: {', '.join(secure)} skipped: the bench makes its certificates with trustme "
+            "(pip install trustme)",
+            file=sys.stderr,
+        )
+        unique = [s for s in unique if s not in SECURE_SCHEMES]
     plan = runner.QUICK if args.quick else runner.FULL
     if args.repeat is not None:
         if args.repeat < 1:

@@ -69,14 +69,21 @@ def raw_server(mode: str, count: int) -> None:
 # -- sfm -------------------------------------------------------------------------------
 
 
-def sfm_server(mode: str, url: str, count: int) -> None:
+def sfm_server(
+    mode: str, url: str, count: int, tls_dir: str | None = None, identity_map: dict[str, str] | None = None
+) -> None:
+    """Receive, echo or listen as endpoint ``bench-server``; with ``tls_dir`` (a
+    :mod:`sfm_core.pki` directory) the listener presents its server certificate, and
+    ``identity_map`` (``ConnManager(identity_map=)``) lets many claimed names share one
+    client certificate (fan-in)."""
     import logging
 
     logging.basicConfig(level=logging.WARNING)
     from sfm_core import ConnManager, Endpoint, MessageReceiver, Mode
+    from sfm_core.pki import params_in
 
     raise_nofile()
-    manager = ConnManager(Endpoint("bench-server"), handshake_timeout=60.0)
+    manager = ConnManager(Endpoint("bench-server"), handshake_timeout=60.0, identity_map=identity_map)
     done = threading.Event()
     state = {"n": 0, "start": 0.0, "end": 0.0}
 
@@ -95,7 +102,8 @@ def sfm_server(mode: str, url: str, count: int) -> None:
             manager.send_message(endpoint, app_id, message.headers, message.payload)
 
     manager.register_message_receiver(1, Counter() if mode == "recv" else Echo())
-    handle = manager.add_connector(url, {}, Mode.PASSIVE)
+    params = params_in(tls_dir, server=True) if tls_dir else {}
+    handle = manager.add_connector(url, params, Mode.PASSIVE)
     manager.start()
     emit(url=manager.wait_listening(handle, 30))
     try:
@@ -123,12 +131,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("role", choices=["raw-recv", "raw-echo", "sfm-recv", "sfm-echo", "sfm-listen"])
     ap.add_argument("--url", default="tcp://127.0.0.1:0")
     ap.add_argument("--count", type=int, default=0)
+    ap.add_argument("--tls-dir", metavar="DIR", help="the sfm_core.pki directory (ca.pem, server.crt, server.key)")
+    ap.add_argument(
+        "--identity-map",
+        metavar="PREFIX=IDENTITY",
+        action="append",
+        default=[],
+        help="claimed names starting with PREFIX resolve to IDENTITY (identity binding); repeatable",
+    )
     args = ap.parse_args(argv)
+    identity_map = dict(item.split("=", 1) for item in args.identity_map) or None
     kind, mode = args.role.split("-")
     if kind == "raw":
         raw_server(mode, args.count)
     else:
-        sfm_server(mode, args.url, args.count)
+        sfm_server(mode, args.url, args.count, args.tls_dir, identity_map)
     os._exit(0)  # skip interpreter teardown: the measurement is done
 
 

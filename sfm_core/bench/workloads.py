@@ -10,10 +10,13 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import raw
 from .peer import raise_nofile
+
+if TYPE_CHECKING:
+    from sfm_core.pki import Pki
 
 _LEN = struct.Struct(">I")
 
@@ -117,11 +120,19 @@ def raw_rtt(size: int, count: int) -> dict:
 # -- sfm over a driver -------------------------------------------------------------------
 
 
-def _client(url: str, name: str = "bench-client") -> Any:
+def _peer_args(role: str, scheme: str, pki: Pki | None, *more: str) -> list[str]:
+    """The peer's command line: with ``pki``, its listener presents the PKI's server certificate."""
+    tls = ["--tls-dir", pki.directory] if pki is not None else []
+    return [role, "--url", f"{scheme}://127.0.0.1:0", *tls, *more]
+
+
+def _client(url: str, name: str = "bench-client", pki: Pki | None = None) -> Any:
+    """A ConnManager connecting to ``url``, with the PKI's client certificate if given
+    (its CN is ``bench-client``, the name it claims: identity binding holds)."""
     from sfm_core import ConnManager, Endpoint, Mode
 
     manager = ConnManager(Endpoint(name))
-    manager.add_connector(url, {}, Mode.ACTIVE)
+    manager.add_connector(url, dict(pki.client) if pki is not None else {}, Mode.ACTIVE)
     return manager
 
 
@@ -137,11 +148,11 @@ def _wait_ready(manager: Any, name: str, timeout: float = 30.0) -> Any:
     raise TimeoutError(f"{name} not READY after {timeout} s")
 
 
-def sfm_oneway(scheme: str, size: int, count: int) -> float:
+def sfm_oneway(scheme: str, size: int, count: int, pki: Pki | None = None) -> float:
     payload = b"x" * size
-    with PeerProcess("sfm-recv", "--url", f"{scheme}://127.0.0.1:0", "--count", str(count)) as peer:
+    with PeerProcess(*_peer_args("sfm-recv", scheme, pki, "--count", str(count))) as peer:
         url = peer.read()["url"]
-        manager = _client(url)
+        manager = _client(url, pki=pki)
         manager.start()
         try:
             server = _wait_ready(manager, "bench-server")
@@ -154,15 +165,15 @@ def sfm_oneway(scheme: str, size: int, count: int) -> float:
     return result["elapsed"]
 
 
-def sfm_rtt(scheme: str, size: int, count: int) -> dict:
+def sfm_rtt(scheme: str, size: int, count: int, pki: Pki | None = None) -> dict:
     from sfm_core import MessageReceiver
 
     payload = b"x" * size
     samples: list[float] = []
     done = threading.Event()
-    with PeerProcess("sfm-echo", "--url", f"{scheme}://127.0.0.1:0") as peer:
+    with PeerProcess(*_peer_args("sfm-echo", scheme, pki)) as peer:
         url = peer.read()["url"]
-        manager = _client(url)
+        manager = _client(url, pki=pki)
         state = {"t0": 0.0}
 
         class PingPong(MessageReceiver):
@@ -249,9 +260,70 @@ def tcp_fanin(url: str, count: int, timeout: float, in_flight: int = 1000) -> di
     return {"ready": ready, "seconds": seconds}
 
 
-def sfm_fanin(scheme: str, count: int, timeout: float, clients: Any) -> dict:
-    """Fan-in against a real ConnManager listener in a child process."""
-    with PeerProcess("sfm-listen", "--url", f"{scheme}://127.0.0.1:0") as peer:
+def tls_fanin(url: str, count: int, timeout: float, *, tls: dict, in_flight: int = 100) -> dict:
+    """``count`` light TLS clients (one asyncio loop), each claiming ``fan-N`` in a HELLO built
+    through the codec and waiting for READY; at most ``in_flight`` connecting or handshaking
+    at once. All present the same client certificate (``tls``: client TLS params), so the
+    listener needs an identity map taking ``fan-`` names to its CN. Connections stay open
+    until the last is READY (or ``timeout``)."""
+    import asyncio
+
+    from sfm_core.frames import FrameDecoder, FrameType, decode_frame, encode_frame
+    from sfm_core.handshake import build_handshake
+    from sfm_core.tls import TlsSettings
+    from sfm_core.url import parse_url
+
+    raise_nofile()
+    params = parse_url(url)
+    host, port = params.get("host", "127.0.0.1"), params["port"]
+    scheme = params["scheme"]
+    ctx = TlsSettings({**tls, "scheme": scheme}, server=False, scheme=scheme, driver="bench").client_context()
+
+    async def one(i: int, gate: asyncio.Semaphore, writers: list) -> bool:
+        async with gate:
+            reader, writer = await asyncio.open_connection(host, port, ssl=ctx)
+            writers.append(writer)
+            writer.write(b"".join(encode_frame(FrameType.HELLO, 0, 1, None, build_handshake(f"fan-{i}", {}))))
+            decoder = FrameDecoder(buffer_size=4096, large_frame=2048)
+            while True:
+                data = await reader.read(4096)
+                if not data:
+                    return False
+                for frame in decoder.feed(data):
+                    if decode_frame(frame).type == FrameType.READY:
+                        return True
+
+    async def crowd() -> dict:
+        gate = asyncio.Semaphore(in_flight)
+        writers: list = []
+        start = time.perf_counter()
+        tasks = [asyncio.ensure_future(one(i, gate, writers)) for i in range(count)]
+        done, pending = await asyncio.wait(tasks, timeout=timeout)
+        seconds = time.perf_counter() - start
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)  # retrieves refusals and cancellations
+        ready = sum(1 for t in done if not t.cancelled() and t.exception() is None and t.result())
+        for writer in writers:
+            writer.transport.abort()  # no close_notify round trips: the listener just sees them go
+        await asyncio.sleep(0)
+        return {"ready": ready, "seconds": seconds}
+
+    return asyncio.run(crowd())
+
+
+def sfm_fanin(
+    scheme: str,
+    count: int,
+    timeout: float,
+    clients: Any,
+    pki: Pki | None = None,
+    identity_map: dict[str, str] | None = None,
+) -> dict:
+    """Fan-in against a real ConnManager listener in a child process (with the PKI's server
+    certificate and ``identity_map`` if given)."""
+    more = [f"--identity-map={k}={v}" for k, v in (identity_map or {}).items()]
+    with PeerProcess(*_peer_args("sfm-listen", scheme, pki, *more)) as peer:
         url = peer.read()["url"]
         result = clients(url, count, timeout)
         # The listener may still be finishing its side of the last handshakes.
