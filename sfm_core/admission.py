@@ -59,6 +59,7 @@ class Admission:
             except BaseException:
                 self.table.undo(sfm_conn, registration)
                 raise
+        sfm_conn.flush_control()
         self._settle(registration)
 
     def register(self, sfm_conn: SfmConnection, peer: PeerHello) -> None:
@@ -73,16 +74,37 @@ class Admission:
             self._settle(registration)
 
     def _identity_ok(self, sfm_conn: SfmConnection, peer: PeerHello, conn_props: dict) -> bool:
-        """On mutual TLS, the claimed name must resolve to the certificate's CN; a refused peer
-        is closed before it is recorded or told anything (NVFlare checks after READY)."""
-        if not conn_props.get(IDENTITY_BINDING):
-            return True
-        reason = check_identity(peer.name, conn_props.get(PEER_CN), self.local_name, self.identity_map)
+        """On mutual TLS, the claimed name must resolve to the certificate's CN, and no connection
+        takes over an endpoint bound to another certificate. A refused peer is closed before it
+        is recorded or told anything (NVFlare checks after READY)."""
+        reason = None
+        if conn_props.get(IDENTITY_BINDING):
+            reason = check_identity(peer.name, conn_props.get(PEER_CN), self.local_name, self.identity_map)
+        if reason is None:
+            reason = self._takeover(peer.name, conn_props)
         if reason is None:
             return True
         log.warning("%s: refusing %s from %s: %s", self.local_name, sfm_conn.name, conn_props.get("peer_addr"), reason)
         sfm_conn.close()
         return False
+
+    def _takeover(self, name: str, conn_props: dict) -> str | None:
+        """Why this connection may not replace the endpoint's current one: that one is bound
+        to a certificate, this one is not, or to another (say, via a plain listener)."""
+        current = self.table.get(name)
+        if current is None:
+            return None
+        mine = conn_props.get(PEER_CN) if conn_props.get(IDENTITY_BINDING) else None
+        for old in current.connections:
+            props = old.conn.get_conn_properties()
+            if props.get(IDENTITY_BINDING) and props.get(PEER_CN) != mine:
+                how = f"for {mine!r}" if mine else "without a bound certificate"
+                held = props.get(PEER_CN)
+                return (
+                    f"endpoint {name!r} is connected with a certificate for {held!r}; "
+                    f"a connection {how} may not take it over"
+                )
+        return None
 
     def _settle(self, registration: Registration) -> None:
         """Close the connections a registration replaced; tell monitors the endpoint is READY."""

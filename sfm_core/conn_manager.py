@@ -71,6 +71,8 @@ class ConnManager(ConnMonitor):
             raise CommError(CommError.BAD_CONFIG, f"max_frame_size must be 16..{fr.MAX_FRAME_SIZE}")
         if linger < 0:
             raise CommError(CommError.BAD_CONFIG, f"linger must be >= 0, got {linger}")
+        if heartbeat_check is not None and heartbeat_check <= 0:
+            raise CommError(CommError.BAD_CONFIG, f"heartbeat_check must be > 0, got {heartbeat_check}")
         self.local_endpoint = local_endpoint
         self.registry = registry or get_registry()
         self.max_frame_size = max_frame_size
@@ -93,13 +95,19 @@ class ConnManager(ConnMonitor):
         self.null_conn = NullConnection()
 
         self._lock = threading.RLock()
+        #: The delivery threads run (from start() until the end of stop()).
+        self._delivering = False
         self._dispatcher = Dispatcher(delivery_workers)
         self._loopback_lane = self._dispatcher.lane(self._deliver_loopback, max_items=queue_frames)
         self._admission = Admission(
             self.endpoints, local_endpoint.name, self.notify_monitors, self.heartbeat_check, identity_map
         )
         self._heartbeat = Heartbeat(
-            local_endpoint.name, lambda: list(self.sfm_conns.values()), self.heartbeat_check, self._abandon
+            local_endpoint.name,
+            lambda: list(self.sfm_conns.values()),
+            self.heartbeat_check,
+            self._abandon_soon,
+            self._dispatcher.run_soon,
         )
 
     # -- connectors ----------------------------------------------------------------------
@@ -141,15 +149,16 @@ class ConnManager(ConnMonitor):
     def reload_tls(self) -> None:
         """Read every connector's TLS files again: new connections use them, live ones go on.
 
-        Raises ``CommError(BAD_CONFIG)`` naming the first connector whose files are wrong
-        (that connector keeps its old settings)."""
+        Every connector is tried; then ``CommError(BAD_CONFIG)`` names each whose files are
+        wrong (those keep their old settings)."""
+        errors = []
         for connector in list(self.connectors.values()):
             try:
                 connector.driver.reload_tls()
             except CommError as e:
-                raise CommError(
-                    e.code, f"connector {connector.handle} ({connector.params.get('url')}): {e.message}"
-                ) from e
+                errors.append(f"connector {connector.handle} ({connector.params.get('url')}): {e.message}")
+        if errors:
+            raise CommError(CommError.BAD_CONFIG, "; ".join(errors))
 
     def start_connector(self, connector: ConnectorInfo) -> None:
         """Start connector in a new thread."""
@@ -176,6 +185,7 @@ class ConnManager(ConnMonitor):
                 raise CommError(CommError.CLOSED, "ConnManager cannot be restarted after stop()")
             self.started = True
             self._dispatcher.start()
+            self._delivering = True
             self._heartbeat.start()
             for connector in self.connectors.values():
                 self.start_connector(connector)
@@ -199,6 +209,7 @@ class ConnManager(ConnMonitor):
                 log.exception("error closing %s", sfm_conn.name)
         self._heartbeat.stop()
         self._dispatcher.stop()
+        self._delivering = False
 
     # -- ConnMonitor: driver connection events ------------------------------------------
 
@@ -258,7 +269,7 @@ class ConnManager(ConnMonitor):
         sfm_ep = self.endpoints.forget(sfm_conn)
         # The session and monitors hear of the loss after the frames received before it.
         lane = sfm_conn.lane
-        if lane is None or not self.started or self.stopped or not lane.finish(lambda: self._gone(sfm_conn, sfm_ep)):
+        if lane is None or not self._delivering or not lane.finish(lambda: self._gone(sfm_conn, sfm_ep)):
             self._gone(sfm_conn, sfm_ep)
 
     def _abandon(self, sfm_conn: SfmConnection) -> None:
@@ -266,6 +277,14 @@ class ConnManager(ConnMonitor):
         without waiting for the driver's graceful close to report it gone."""
         sfm_conn.close()
         self.close_connection(sfm_conn.conn)
+
+    def _abandon_soon(self, sfm_conn: SfmConnection) -> None:
+        # From the heartbeat thread: monitors are told on a delivery thread, so a monitor that
+        # blocks (or calls stop()) holds no session's timers.
+        if self._delivering:
+            self._dispatcher.run_soon(lambda: self._abandon(sfm_conn))
+        else:
+            self._abandon(sfm_conn)
 
     def _gone(self, sfm_conn: SfmConnection, sfm_ep: SfmEndpoint | None) -> None:
         sfm_conn.session.connection_lost()
@@ -314,11 +333,13 @@ class ConnManager(ConnMonitor):
             self._admission.register(sfm_conn, event.peer)
         elif kind is ProtocolError:
             log.warning("%s: closing %s: %s", self.local_endpoint.name, sfm_conn.name, event.reason)
-            if sfm_conn.lane is not None:
-                sfm_conn.lane.close()
+            owed = sfm_conn.lane.close() if sfm_conn.lane is not None else None
             self._abandon(sfm_conn)
+            if owed is not None:
+                owed()  # the loss was reported before this frame: its notice is still owed
         elif kind is Ignored:
-            log.warning("%s: %s on %s", self.local_endpoint.name, event.reason, sfm_conn.name)
+            level = logging.DEBUG if event.quiet else logging.WARNING
+            log.log(level, "%s: %s on %s", self.local_endpoint.name, event.reason, sfm_conn.name)
 
     def update_endpoint(self, sfm_conn: SfmConnection, data: dict) -> None:
         """Record the peer named in a handshake map on this connection; the endpoint is READY.
@@ -330,8 +351,14 @@ class ConnManager(ConnMonitor):
         name = data.get("endpoint_name")
         if not name:
             raise CommError(CommError.BAD_DATA, "handshake has no endpoint_name")
-        properties = {k: v for k, v in data.items() if k != "endpoint_name"}
-        self._admission.register(sfm_conn, PeerHello(name, properties, sfm_conn.conn.extensions))
+        protocol = ("endpoint_name", "sfm_ext", "sfm_max_frame_size")
+        properties = {k: v for k, v in data.items() if k not in protocol}
+        ext = data.get("sfm_ext")
+        offered = frozenset(e for e in ext if isinstance(e, str)) if isinstance(ext, list) else frozenset()
+        peer = PeerHello(name, properties, offered, data.get("sfm_max_frame_size"))
+        sfm_conn.session.adopt(peer)
+        sfm_conn.conn.extensions = sfm_conn.session.driver_extensions
+        self._admission.register(sfm_conn, peer)
 
     # -- sending -------------------------------------------------------------------------
 
@@ -344,13 +371,13 @@ class ConnManager(ConnMonitor):
         Raises ``CommError``.
         """
         sfm_ep = self.endpoints.by_name.get(endpoint.name)
-        if sfm_ep is None or not sfm_ep.connections:
+        conns = sfm_ep.connections if sfm_ep is not None else None  # one read: forget() replaces it
+        if not conns:
             if endpoint.name == self.local_endpoint.name:
                 self.send_loopback_message(endpoint, app_id, headers, payload)
                 return
             raise CommError(CommError.CLOSED, f"no connection to endpoint {endpoint.name!r}")
         stream_id = next(sfm_ep.stream_ids) & 0xFFFF
-        conns = sfm_ep.connections
         try:
             conns[stream_id % len(conns)].send_data(app_id, stream_id, headers, payload)
         except CommError as e:

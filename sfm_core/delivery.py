@@ -38,14 +38,22 @@ class Dispatcher:
             self._threads.append(t)
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop after the items already queued ahead of the stop; join the threads."""
+        """Stop once everything queued is handled, lanes' backlogs included; join the threads
+        (not the calling one: a receiver or monitor may be the one that stops us)."""
         for _ in self._threads:
             self._ready.put(_STOP)
+        me = threading.current_thread()
         for t in self._threads:
+            if t is me:
+                continue
             t.join(timeout)
             if t.is_alive():
                 log.warning("delivery thread %s still busy after %s s", t.name, timeout)
         self._threads = []
+
+    def run_soon(self, fn: Callable[[], None]) -> None:
+        """Run ``fn()`` once on a delivery thread (work that may block, off a timer thread)."""
+        self._ready.put(_Call(fn))
 
     def lane(
         self,
@@ -65,8 +73,33 @@ class Dispatcher:
         while True:
             lane = ready.get()
             if lane is _STOP:
-                return
+                # Lanes with more than a batch left re-queue themselves behind the stop: run
+                # what is still queued (they keep re-queuing until empty), then exit.
+                while True:
+                    try:
+                        lane = ready.get_nowait()
+                    except queue.Empty:
+                        return
+                    if lane is _STOP:
+                        ready.put(_STOP)  # another worker's: leave it for that worker
+                        return
+                    lane._run(batch)
             lane._run(batch)
+
+
+class _Call:
+    """A one-off function on the ready queue (``Dispatcher.run_soon``)."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[[], None]) -> None:
+        self.fn = fn
+
+    def _run(self, batch: int) -> None:
+        try:
+            self.fn()
+        except Exception:
+            log.exception("delivery task failed")
 
 
 class Lane:
@@ -136,14 +169,16 @@ class Lane:
                 self._room.wait(1.0)
             return True
 
-    def close(self) -> None:
-        """Drop what is queued and release a blocked submitter."""
+    def close(self) -> Callable[[], None] | None:
+        """Drop what is queued and release a blocked submitter. Returns the callback a
+        :meth:`finish` had left pending (the caller runs it: it is owed)."""
         with self._lock:
             self._closed = True
             self._items = []
             self._bytes = 0
-            self._then = None
+            then, self._then = self._then, None
             self._room.notify_all()
+        return then
 
     def finish(self, then: Callable[[], None]) -> bool:
         """Call ``then()`` on a delivery thread once every item submitted so far is handled;

@@ -12,6 +12,7 @@ READY and has its connection.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 import threading
@@ -70,7 +71,8 @@ class EndpointTable:
         self.by_name = self._endpoints
         # Names whose READY was queued for monitors and no DISCONNECTED since: what they believe.
         self._announced: set[str] = set()
-        self._notices: deque[Endpoint] = deque()
+        # (endpoint, the state decided): the endpoint may have moved on by the time it is told.
+        self._notices: deque[tuple[Endpoint, EndpointState]] = deque()
         # Held while telling, so notices decided in one order are told in that order.
         self._telling = threading.RLock()
 
@@ -146,7 +148,7 @@ class EndpointTable:
             if self._endpoints.get(name) is not sfm_ep or name in self._announced:
                 return  # lost meanwhile (monitors never hear of it), or known READY
             self._announced.add(name)
-            self._notices.append(sfm_ep.endpoint)
+            self._notices.append((sfm_ep.endpoint, EndpointState.READY))
 
     def forget(self, sfm_conn: SfmConnection) -> SfmEndpoint | None:
         """``sfm_conn`` closed: drop it; return its endpoint if that has no connection left."""
@@ -162,7 +164,7 @@ class EndpointTable:
             del self._endpoints[name]
             endpoint = sfm_ep.endpoint
             endpoint.state = EndpointState.DISCONNECTED
-            for i, queued in enumerate(self._notices):
+            for i, (queued, _state) in enumerate(self._notices):
                 if queued is endpoint:
                     # Its READY is not told yet: monitors never hear of it at all.
                     del self._notices[i]
@@ -179,7 +181,7 @@ class EndpointTable:
             if name in self._endpoints or name not in self._announced:
                 return
             self._announced.discard(name)
-            self._notices.append(sfm_ep.endpoint)
+            self._notices.append((sfm_ep.endpoint, EndpointState.DISCONNECTED))
 
     # -- telling -----------------------------------------------------------------------------
 
@@ -190,5 +192,9 @@ class EndpointTable:
                 with self._lock:
                     if not self._notices:
                         return
-                    endpoint = self._notices.popleft()
-                notify(endpoint)
+                    endpoint, state = self._notices.popleft()
+                # A copy in the state decided: the live endpoint may move on while monitors
+                # are being told (a READY must not read as DISCONNECTED to the second one).
+                snapshot = copy.copy(endpoint)
+                snapshot.state = state
+                notify(snapshot)

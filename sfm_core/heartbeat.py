@@ -24,11 +24,14 @@ class Heartbeat:
         connections: Callable[[], list[SfmConnection]],
         period: float,
         abandon: Callable[[SfmConnection], None],
+        run_soon: Callable[[Callable[[], None]], None],
     ) -> None:
         self.local_name = local_name
         self.connections = connections
         #: Close a connection and forget it at once (its peer is gone: no graceful close).
         self.abandon = abandon
+        #: Run a send that may block (a PING on a driver without send_urgent) off this thread.
+        self.run_soon = run_soon
         self.period = period
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sfm-heartbeat", daemon=True)
@@ -39,7 +42,7 @@ class Heartbeat:
     def stop(self) -> None:
         """Stop the thread and join it."""
         self._stop.set()
-        if self._thread.ident is not None:
+        if self._thread.ident is not None and self._thread is not threading.current_thread():
             self._thread.join(10.0)
 
     def _run(self) -> None:
@@ -58,11 +61,19 @@ class Heartbeat:
             session.heard(now)  # its frames wait for our receiver: we are the slow one
         event = session.tick(now)
         if type(event) is PingDue:
-            try:
-                sfm_conn.send_control(event.frame)
-            except CommError as e:
-                log.info("%s: PING on %s failed: %s", self.local_name, sfm_conn.name, e)
+            if sfm_conn.conn.send_urgent(event.frame):
+                return
+            # Written by send_frame, which may block on a peer that stopped reading: on a
+            # delivery thread, so this one goes on timing every other connection.
+            frame = event.frame
+            self.run_soon(lambda: self._ping(sfm_conn, frame))
         elif type(event) is Expired:
             peer = sfm_conn.sfm_endpoint.endpoint.name if sfm_conn.sfm_endpoint else "an unnamed peer"
             log.warning("%s: closing %s to %s: %s", self.local_name, sfm_conn.name, peer, event.reason)
             self.abandon(sfm_conn)
+
+    def _ping(self, sfm_conn: SfmConnection, frame: bytes) -> None:
+        try:
+            sfm_conn.send_control(frame)
+        except CommError as e:
+            log.info("%s: PING on %s failed: %s", self.local_name, sfm_conn.name, e)

@@ -117,10 +117,12 @@ class Expired:
 class Ignored:
     """A frame the protocol lets us ignore (a reserved or unknown type)."""
 
-    __slots__ = ("reason",)
+    __slots__ = ("quiet", "reason")
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, quiet: bool = False) -> None:
         self.reason = reason
+        #: Not worth a warning (a frame that arrived after the session closed).
+        self.quiet = quiet
 
 
 Event = Union[Frame, HelloReceived, ReadyReceived, SendPong, PingDue, ProtocolError, Expired, Ignored]
@@ -216,6 +218,11 @@ class Session:
         payload = build_handshake(self.local_name, self.properties, extensions, timestamp, self.max_frame_size)
         return self._control_frame(frame_type, payload, stream_id=1)
 
+    def adopt(self, peer: PeerHello) -> None:
+        """Open with a peer the shell learned of another way (``ConnManager.update_endpoint``)."""
+        self._open(peer)
+        self.state = State.OPEN
+
     def _open(self, peer: PeerHello) -> None:
         self.peer = peer
         self.extensions = negotiate(self.offered, peer.extensions)
@@ -271,7 +278,7 @@ class Session:
         if ftype not in _KNOWN_TYPES or ftype in (FrameType.FRAG, FrameType.ACK):
             return Ignored(f"ignoring frame of {_type_name(ftype)}")
         if self.state is State.CLOSED:
-            return Ignored(f"ignoring {_type_name(ftype)} after the session closed")
+            return Ignored(f"ignoring {_type_name(ftype)} after the session closed", quiet=True)
         if ftype == FrameType.DATA:
             return self._error("DATA frame before the handshake")
         if self.state in (State.OPEN, State.CLOSING, State.ACCEPTING):

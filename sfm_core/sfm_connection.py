@@ -74,6 +74,8 @@ class SfmConnection:
             finally:
                 if self._urgent:
                     self._flush_urgent_locked()
+        if self._urgent:  # appended after the check above, while we still held the lock
+            self._flush_urgent()
 
     def send(self, frame: Payload) -> None:
         """Send one encoded frame in turn with the data frames."""
@@ -81,6 +83,8 @@ class SfmConnection:
             self.write_locked(frame)
             if self._urgent:
                 self._flush_urgent_locked()
+        if self._urgent:
+            self._flush_urgent()
 
     def write_locked(self, frame: Payload) -> None:
         """Send one encoded frame; the caller holds ``_send_lock``. (Drivers have always been
@@ -108,9 +112,15 @@ class SfmConnection:
             log.info("control frame on %s not sent: %s", self.conn.name, e)
             self._urgent.clear()
 
+    def flush_control(self) -> None:
+        """Send control frames that queued while the caller held ``_send_lock`` (call it after
+        releasing the lock)."""
+        if self._urgent:
+            self._flush_urgent()
+
     def _flush_urgent(self) -> None:
-        # If the lock is taken, its holder sends the queue before it lets go (send_data checks
-        # after its frame, and this checks after appending), so no frame is left behind.
+        # If the lock is taken, its holder sends the queue: it checks after its frame and again
+        # after letting go, and this checks after appending, so no frame is left behind.
         while self._urgent:
             if not self._send_lock.acquire(False):
                 return
