@@ -131,6 +131,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.config:
         from .config import load_config
 
+        given = sorted(k for k in TLS_OPTIONS if getattr(args, k, None))
+        if given:
+            opts = ", ".join("--" + k.replace("_", "-") for k in given)
+            print(f"sfm serve: {opts} with --config: put TLS files in the connector's params", file=sys.stderr)
+            return 2
         manager, handles = load_config(args.config).build()
     else:
         if not args.url or not args.name:

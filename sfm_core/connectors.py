@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from .driver import ConnectorInfo, Driver, Mode
 from .errors import CommError
 from .params import get_param
+from .tls import SECURE_SCHEMES
 from .url import parse_url
 
 if TYPE_CHECKING:
@@ -59,6 +60,15 @@ def check_params(driver: Driver, params: dict, mode: Mode) -> None:
         raise CommError(
             CommError.BAD_CONFIG,
             f"secure=true on {scheme}://, but its driver {type(driver).__module__}.{type(driver).__name__} has no TLS",
+        )
+    tls_given = sorted(
+        k for k in ("ca_cert", "server_cert", "server_key", "client_cert", "client_key") if params.get(k)
+    )
+    if tls_given and scheme not in SECURE_SCHEMES and not get_param(params, "secure", bool, False, driver="sfm"):
+        log.warning(
+            "%s:// connector given %s: ignored, the connection is plain (use the secure scheme or secure=true)",
+            scheme,
+            ", ".join(tls_given),
         )
     driver.validate(params, mode)
 

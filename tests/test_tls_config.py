@@ -144,3 +144,24 @@ def test_identity_check_is_exact_and_refuses_a_missing_cn() -> None:
     assert "certificate is for 'Site-1'" in check_identity("site-1", "Site-1", "server")
     assert "has no common name" in check_identity("site-1", None, "server")
     assert check_identity("_admin_x", None, "server") is None
+
+
+def test_tls_files_on_a_plain_scheme_are_warned_about(pki, caplog) -> None:
+    """tcp:// with certificate params is plain TCP: said at add_connector, not silently."""
+    from sfm_core import ConnManager, Endpoint, Mode
+
+    m = ConnManager(Endpoint("server"))
+    try:
+        m.add_connector("tcp://127.0.0.1:0", server_params(pki, scheme="tcp"), Mode.PASSIVE)
+    finally:
+        m.stop(linger=0)
+    assert "ignored, the connection is plain" in caplog.text and "server_cert" in caplog.text
+
+
+def test_serve_refuses_tls_options_next_to_a_config_file(tmp_path) -> None:
+    """sfm serve --config with --ca-cert: exit 2 with what to do, not silently ignored."""
+    from sfm_core.cli import main
+
+    cfg = tmp_path / "site.toml"
+    cfg.write_text('[endpoint]\nname = "server"\n')
+    assert main(["serve", "--config", str(cfg), "--ca-cert", "ca.pem"]) == 2
