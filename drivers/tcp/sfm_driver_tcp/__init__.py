@@ -1,4 +1,4 @@
-"""sfm-driver-tcp: the TCP transport for sfm (``tcp://``)."""
+"""sfm-driver-tcp: the TCP transport for sfm (``tcp://``, and ``stcp://`` over TLS)."""
 
 from .driver import TcpDriver
 

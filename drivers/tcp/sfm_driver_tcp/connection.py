@@ -8,7 +8,7 @@ import socket
 import threading
 import time
 
-from sfm_core import CommError, Connection, ConnectorInfo
+from sfm_core import CommError, Connection, ConnectorInfo, Mode
 from sfm_core.frames import HANDSHAKE_MAX_FRAME, FrameDecoder
 
 from .reactor import Reactor
@@ -82,6 +82,43 @@ class TcpConnection(Connection):
 
     def fileno(self) -> int:
         return -1 if self._closed else self._fd
+
+    def watch_for_tls(self) -> None:
+        """Look at the first bytes the peer sends, once (one ``MSG_PEEK``): a TLS record there
+        means the two sides disagree on TLS, and the connection is closed at once with a log
+        saying so (a ClientHello would otherwise read as a prefix claiming a ~369 MB frame).
+        Nothing is added to later reads: the check replaces ``on_readable`` for one call."""
+        self.on_readable = self._first_readable  # type: ignore[method-assign]
+
+    def _first_readable(self) -> None:
+        del self.on_readable  # from now on the class's own on_readable, with no check
+        try:
+            head = self.sock.recv(2, socket.MSG_PEEK)
+        except BlockingIOError:
+            self.watch_for_tls()  # woken with nothing to read: look again next time
+            return
+        except OSError:
+            head = b""  # the read that follows reports it
+        # A TLS record starts 0x16 (handshake) or 0x15 (alert), then 0x03 (the version); an SFM
+        # first frame, at most 1 MiB, starts 0x00.
+        if head[:1] in (b"\x16", b"\x15") and head[1:2] in (b"", b"\x03"):
+            if self.connector is not None and self.connector.mode == Mode.ACTIVE:
+                log.warning(
+                    "connection %s: closing: the server %s answered in TLS on a plaintext tcp:// connection: "
+                    "it is a TLS listener; connect with stcp:// or secure=true",
+                    self.name,
+                    _fmt(self._peer),
+                )
+            else:
+                log.warning(
+                    "connection %s from %s: closing: TLS ClientHello on a plaintext tcp listener: "
+                    "the client uses stcp:// or secure=true?",
+                    self.name,
+                    _fmt(self._peer),
+                )
+            self._finish()
+            return
+        self.on_readable()
 
     def get_conn_properties(self) -> dict:
         """``peer_addr``/``local_addr`` as ``host:port`` strings."""
@@ -244,6 +281,10 @@ class TcpConnection(Connection):
                         # and reused warm, where a burst of them would each need fresh pages.
                         self._hand_over(frames)
                         frames = []
+                        if self._deferred:
+                            # A reply sent from that delivery read frames ahead: they come
+                            # before anything read from here on, so deliver them first.
+                            break
         except CommError as e:
             log.warning("connection %s: closing, bad data from %s: %s", self.name, _fmt(self._peer), e.message)
             self._eof = True

@@ -1,4 +1,5 @@
-"""The TCP driver: ``tcp://host:port``, frames back to back on a byte stream."""
+"""The TCP driver: ``tcp://host:port``, frames back to back on a byte stream; ``stcp://`` (or
+``secure=true``) runs them over TLS (``tls.py``)."""
 
 from __future__ import annotations
 
@@ -7,18 +8,21 @@ import logging
 import os
 import select
 import socket
+import ssl
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from sfm_core import CommError, ConnectorInfo, Driver
+from sfm_core import CommError, ConnectorInfo, Driver, Mode
 from sfm_core.frames import MAX_FRAME_SIZE, PREFIX_LEN
 from sfm_core.params import get_param
+from sfm_core.tls import TlsSettings
 from sfm_core.url import bind_host, connect_host, listening_url
 
 from .connection import TcpConnection, _fmt
 from .reactor import DEFAULT_GATHER, Reactor
+from .tls import HandshakeFailed, HandshakeTimer, TlsTcpConnection
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +74,20 @@ class _Listener:
     """The listening socket as a reactor handler: accepts in batches."""
 
     def __init__(
-        self, sock: socket.socket, driver: TcpDriver, connector: ConnectorInfo, reactor: Reactor, params: TcpParams
+        self,
+        sock: socket.socket,
+        driver: TcpDriver,
+        connector: ConnectorInfo,
+        reactor: Reactor,
+        params: TcpParams,
+        tls: TlsSettings | None,
     ) -> None:
         self.sock = sock
         self.driver = driver
         self.connector = connector
         self.reactor = reactor
         self.params = params
+        self.tls = tls
         self._last_warning = 0.0
 
     def fileno(self) -> int:
@@ -102,17 +113,20 @@ class _Listener:
                 if e.errno in _RESOURCE_ERRORS:
                     time.sleep(0.1)  # the connection stays queued; this pool thread backs off
                 return
-            self.driver._serve(sock, self.connector, self.reactor, self.params)
+            self.driver._serve(sock, self.connector, self.reactor, self.params, self.tls)
 
     def on_reactor_stop(self) -> None:
         self.sock.close()
 
 
 class TcpDriver(Driver):
-    """Plain TCP. Params: ``host``, ``port``, ``backlog``, ``send_timeout``, ``connect_timeout``,
-    ``io_threads`` (listener pool size), ``gather_us`` (how long a pool thread waits for more
-    data on a streaming connection before handing it back to epoll; 0 turns it off),
-    ``max_frame_size``.
+    """TCP, and TCP over TLS. Params: ``host``, ``port``, ``backlog``, ``send_timeout``,
+    ``connect_timeout``, ``io_threads`` (listener pool size), ``gather_us`` (how long a pool
+    thread waits for more data on a streaming connection before handing it back to epoll; 0
+    turns it off), ``max_frame_size``; for ``stcp://`` or ``secure=true`` the TLS params of
+    :class:`sfm_core.tls.TlsSettings` (``ca_cert``, ``server_cert``/``server_key``,
+    ``client_cert``/``client_key``, ``connection_security``, ``check_hostname``,
+    ``tls_handshake_timeout``).
     """
 
     def __init__(self) -> None:
@@ -120,14 +134,53 @@ class TcpDriver(Driver):
         self._reactors: list[Reactor] = []
         self._lock = threading.Lock()
         self._stopping = False
+        self._tls: dict[str, TlsSettings] = {}  # by connector handle: reload_tls() reloads them
+        self._timer: HandshakeTimer | None = None
 
     @staticmethod
     def supported_transports() -> list[str]:
-        return ["tcp"]
+        return ["tcp", "stcp"]
 
     @staticmethod
     def capabilities() -> dict[str, Any]:
-        return {"max_frame_size": MAX_FRAME_SIZE, "tls": False, "io": "epoll, leader/followers pool"}
+        return {"max_frame_size": MAX_FRAME_SIZE, "tls": True, "io": "epoll, leader/followers pool"}
+
+    def validate(self, params: dict, mode: Mode) -> None:
+        """Check the params (and the TLS files) before the connector starts."""
+        TcpParams.parse(params)
+        TlsSettings.from_params(params, server=Mode(mode) == Mode.PASSIVE, driver="tcp")
+
+    def reload_tls(self) -> None:
+        """Read every connector's TLS files again: new connections use them, live ones go on.
+        A connector whose new files are wrong keeps its old ones; the first error is raised."""
+        with self._lock:
+            settings = list(self._tls.values())
+        errors = []
+        for tls in settings:
+            try:
+                tls.reload()
+            except CommError as e:
+                errors.append(e)
+        if errors:
+            raise errors[0]
+
+    def _tls_for(self, connector: ConnectorInfo) -> TlsSettings | None:
+        """The connector's TLS settings (None for plain TCP), built once and kept for reloads."""
+        with self._lock:
+            tls = self._tls.get(connector.handle)
+        if tls is not None:
+            return tls
+        tls = TlsSettings.from_params(connector.params, server=connector.mode == Mode.PASSIVE, driver="tcp")
+        if tls is not None:
+            with self._lock:
+                tls = self._tls.setdefault(connector.handle, tls)
+        return tls
+
+    def _handshake_timer(self) -> HandshakeTimer:
+        with self._lock:
+            if self._timer is None:
+                self._timer = HandshakeTimer(f"sfm-tcp-tls-{id(self) % 10000}")
+            return self._timer
 
     def _new_reactor(self, threads: int = 1, gather: float = DEFAULT_GATHER) -> Reactor:
         reactor = Reactor(f"sfm-tcp-{id(self) % 10000}", oneshot=threads > 1, gather=gather)
@@ -144,22 +197,54 @@ class TcpDriver(Driver):
                 self._reactors.remove(reactor)
         reactor.close()
 
-    def _serve(self, sock: socket.socket, connector: ConnectorInfo, reactor: Reactor, params: TcpParams) -> None:
+    def _serve(
+        self,
+        sock: socket.socket,
+        connector: ConnectorInfo,
+        reactor: Reactor,
+        params: TcpParams,
+        tls: TlsSettings | None = None,
+    ) -> None:
         try:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn = TcpConnection(
-                sock,
-                connector,
-                reactor,
-                self,
-                max_frame_size=params.max_frame_size,
-                send_timeout=params.send_timeout,
-            )
-        except OSError as e:  # the peer may already be gone
+            if tls is not None:
+                timer = self._handshake_timer()
+                conn: TcpConnection = TlsTcpConnection(
+                    sock,
+                    connector,
+                    reactor,
+                    self,
+                    max_frame_size=params.max_frame_size,
+                    send_timeout=params.send_timeout,
+                    tls=tls,
+                    timer=timer,
+                )
+            else:
+                conn = TcpConnection(
+                    sock,
+                    connector,
+                    reactor,
+                    self,
+                    max_frame_size=params.max_frame_size,
+                    send_timeout=params.send_timeout,
+                )
+        except (OSError, ssl.SSLError) as e:  # the peer may already be gone
             log.info("tcp: dropping a new connection: %s", e)
             sock.close()
             return
+        if tls is not None:
+            # The TLS handshake runs on the pool's threads as its bytes arrive; the core
+            # gets the connection (add_connection) once it is complete.
+            timer.add(conn, tls.handshake_timeout)
+            try:
+                reactor.add(conn)
+            except BaseException:
+                timer.discard(conn)
+                sock.close()
+                raise
+            return
+        conn.watch_for_tls()
         # The core registers its frame receiver in add_connection: only then may a pool
         # thread start reading.
         self.add_connection(conn)
@@ -167,6 +252,7 @@ class TcpDriver(Driver):
 
     def listen(self, connector: ConnectorInfo) -> None:
         params = TcpParams.parse(connector.params)
+        tls = self._tls_for(connector)
         host = bind_host(params.host)
         port = params.port or 0
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -184,15 +270,19 @@ class TcpDriver(Driver):
             sock.close()
             raise
         try:
-            reactor.add(_Listener(sock, self, connector, reactor, params))
+            reactor.add(_Listener(sock, self, connector, reactor, params, tls))
         except BaseException:
             sock.close()
             self._forget_reactor(reactor)
             raise
         try:
             actual = sock.getsockname()
-            connector.listening(listening_url(params.scheme, params.host, actual[1]))
-            log.info("tcp: listening on %s", _fmt(actual))
+            scheme = "stcp" if tls is not None else params.scheme
+            connector.listening(listening_url(scheme, params.host, actual[1]))
+            if tls is not None:
+                log.info("tcp: listening on %s (TLS, connection_security=%s)", _fmt(actual), tls.security)
+            else:
+                log.info("tcp: listening on %s", _fmt(actual))
             reactor.serve(threads=params.io_threads)
         finally:
             self._forget_reactor(reactor)
@@ -201,17 +291,59 @@ class TcpDriver(Driver):
         params = TcpParams.parse(connector.params)
         if params.port is None:
             raise CommError(CommError.BAD_CONFIG, f"tcp: no port to connect to in {connector.params.get('url')}")
-        sock = self._open(connect_host(params.host), params.port, params.connect_timeout)
+        tls = self._tls_for(connector)
+        host = connect_host(params.host)
+        sock = self._open(host, params.port, params.connect_timeout)
         try:
             reactor = self._new_reactor()
         except BaseException:
             sock.close()
             raise
         try:
-            self._serve(sock, connector, reactor, params)
+            if tls is None:
+                self._serve(sock, connector, reactor, params)
+            else:
+                self._serve_tls_client(sock, connector, reactor, params, tls, host)
             reactor.serve(stop_when_empty=True)
         finally:
             self._forget_reactor(reactor)
+
+    def _serve_tls_client(
+        self,
+        sock: socket.socket,
+        connector: ConnectorInfo,
+        reactor: Reactor,
+        params: TcpParams,
+        tls: TlsSettings,
+        host: str,
+    ) -> None:
+        """The TLS handshake of an active connection, on the connector's own thread (up to
+        ``tls_handshake_timeout``); then the connection goes to the core and the reactor."""
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn = TlsTcpConnection(
+                sock,
+                connector,
+                reactor,
+                self,
+                max_frame_size=params.max_frame_size,
+                send_timeout=params.send_timeout,
+                tls=tls,
+                server_hostname=host,
+            )
+            conn.handshake_blocking(lambda: self._stopping)
+        except HandshakeFailed as e:
+            sock.close()
+            log.warning("tcp: TLS to %s:%s failed: %s", host, params.port, e)
+            raise CommError(CommError.CLOSED, f"tcp: TLS to {host}:{params.port}: {e}") from None
+        except (OSError, ssl.SSLError) as e:
+            sock.close()
+            raise CommError(CommError.CLOSED, f"tcp: TLS to {host}:{params.port}: {e}") from None
+        except BaseException:
+            sock.close()
+            raise
+        self.add_connection(conn)
+        reactor.add(conn)
 
     def _open(self, host: str, port: int, timeout: float) -> socket.socket:
         """Connect without blocking shutdown(): poll in short steps, watching for a stop."""
@@ -252,3 +384,5 @@ class TcpDriver(Driver):
         for reactor in reactors:
             reactor.stop()
         super().shutdown()
+        if self._timer is not None:
+            self._timer.stop()
