@@ -148,6 +148,8 @@ class TlsSettings:
             self.pem(name)  # unreadable files are reported by name before ssl's own words
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if self.server else ssl.PROTOCOL_TLS_CLIENT)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        # A TLS 1.2 renegotiation would run inside a read of a driver's I/O thread: refused.
+        ctx.options |= ssl.OP_NO_RENEGOTIATION
         cert, key = ("server_cert", "server_key") if self.server else ("client_cert", "client_key")
         if cert in self.files:
             try:
