@@ -9,7 +9,8 @@ from collections.abc import Callable, Mapping
 
 from .endpoint import Endpoint
 from .endpoint_table import EndpointTable, Registration
-from .handshake import PeerHello
+from .errors import CommError
+from .handshake import ENDPOINT_NAME_KEY, EXTENSIONS_KEY, MAX_FRAME_SIZE_KEY, PeerHello
 from .identity import check_identity
 from .sfm_connection import SfmConnection
 from .tls import IDENTITY_BINDING, PEER_CN
@@ -72,6 +73,20 @@ class Admission:
         if registration is not None:
             sfm_conn.session.stream_ids = registration.sfm_ep.stream_ids
             self._settle(registration)
+
+    def update(self, sfm_conn: SfmConnection, data: dict) -> None:
+        """Record a peer from a handshake map learned another way (``update_endpoint``)."""
+        name = data.get("endpoint_name")
+        if not name:
+            raise CommError(CommError.BAD_DATA, "handshake has no endpoint_name")
+        protocol = (ENDPOINT_NAME_KEY, EXTENSIONS_KEY, MAX_FRAME_SIZE_KEY)
+        properties = {k: v for k, v in data.items() if k not in protocol}
+        ext = data.get(EXTENSIONS_KEY)
+        offered = frozenset(e for e in ext if isinstance(e, str)) if isinstance(ext, list) else frozenset()
+        peer = PeerHello(name, properties, offered, data.get(MAX_FRAME_SIZE_KEY))
+        sfm_conn.session.adopt(peer)
+        sfm_conn.conn.extensions = sfm_conn.session.driver_extensions
+        self.register(sfm_conn, peer)
 
     def _identity_ok(self, sfm_conn: SfmConnection, peer: PeerHello, conn_props: dict) -> bool:
         """On mutual TLS, the claimed name must resolve to the certificate's CN, and no connection

@@ -25,7 +25,7 @@ from .endpoint import Endpoint, EndpointMonitor
 from .endpoint_table import EndpointTable, SfmEndpoint
 from .errors import CommError
 from .frames import Frame, Payload
-from .handshake import PeerHello, validate_endpoint_name
+from .handshake import validate_endpoint_name
 from .heartbeat import Heartbeat
 from .loopback import LoopbackMessage, deliver_loopback
 from .message import Message, MessageReceiver
@@ -151,14 +151,7 @@ class ConnManager(ConnMonitor):
 
         Every connector is tried; then ``CommError(BAD_CONFIG)`` names each whose files are
         wrong (those keep their old settings)."""
-        errors = []
-        for connector in list(self.connectors.values()):
-            try:
-                connector.driver.reload_tls()
-            except CommError as e:
-                errors.append(f"connector {connector.handle} ({connector.params.get('url')}): {e.message}")
-        if errors:
-            raise CommError(CommError.BAD_CONFIG, "; ".join(errors))
+        self._connectors.reload_tls()
 
     def start_connector(self, connector: ConnectorInfo) -> None:
         """Start connector in a new thread."""
@@ -239,17 +232,11 @@ class ConnManager(ConnMonitor):
             extensions=connection.offered_extensions(),
             liveness=self.liveness,
         )
-        lane = None
+        sfm_conn = SfmConnection(connection, session, mode)
         if not connection.inline_delivery:
-            pausable = connection.supports_pause
-            lane = self._dispatcher.lane(
-                lambda frame: self.process_frame_task(sfm_conn, frame),
-                max_items=self.queue_frames,
-                max_bytes=self.queue_bytes,
-                pause=connection.pause_reading if pausable else None,
-                resume=connection.resume_reading if pausable else None,
+            sfm_conn.lane = self._dispatcher.lane_for(
+                connection, lambda frame: self.process_frame_task(sfm_conn, frame), self.queue_frames, self.queue_bytes
             )
-        sfm_conn = SfmConnection(connection, session, mode, lane)
         with self._lock:
             self.sfm_conns[connection.name] = sfm_conn
         connection.register_frame_receiver(SfmFrameReceiver(self, sfm_conn))
@@ -348,17 +335,7 @@ class ConnManager(ConnMonitor):
         older connections (typically half-open ones of a client that reconnected): they are
         closed, and the endpoint stays READY throughout.
         """
-        name = data.get("endpoint_name")
-        if not name:
-            raise CommError(CommError.BAD_DATA, "handshake has no endpoint_name")
-        protocol = ("endpoint_name", "sfm_ext", "sfm_max_frame_size")
-        properties = {k: v for k, v in data.items() if k not in protocol}
-        ext = data.get("sfm_ext")
-        offered = frozenset(e for e in ext if isinstance(e, str)) if isinstance(ext, list) else frozenset()
-        peer = PeerHello(name, properties, offered, data.get("sfm_max_frame_size"))
-        sfm_conn.session.adopt(peer)
-        sfm_conn.conn.extensions = sfm_conn.session.driver_extensions
-        self._admission.register(sfm_conn, peer)
+        self._admission.update(sfm_conn, data)
 
     # -- sending -------------------------------------------------------------------------
 

@@ -154,6 +154,18 @@ class ConnectorSet:
         if connector is not None:
             stop_connector(connector, thread)
 
+    def reload_tls(self) -> None:
+        """Every connector's driver reloads its TLS files; then ``CommError(BAD_CONFIG)``
+        names each that failed (those keep their old files)."""
+        errors = []
+        for connector in list(self.by_handle.values()):
+            try:
+                connector.driver.reload_tls()
+            except CommError as e:
+                errors.append(f"connector {connector.handle} ({connector.params.get('url')}): {e.message}")
+        if errors:
+            raise CommError(CommError.BAD_CONFIG, "; ".join(errors))
+
     def stop_all(self) -> None:
         """Stop every connector and join their threads."""
         self.stop_event.set()

@@ -51,6 +51,17 @@ class Dispatcher:
                 log.warning("delivery thread %s still busy after %s s", t.name, timeout)
         self._threads = []
 
+    def lane_for(self, conn: Any, handler: Callable[[Any], None], max_items: int, max_bytes: int) -> Lane:
+        """A lane for a driver connection: paused through the driver if it can pause."""
+        pausable = conn.supports_pause
+        return self.lane(
+            handler,
+            max_items=max_items,
+            max_bytes=max_bytes,
+            pause=conn.pause_reading if pausable else None,
+            resume=conn.resume_reading if pausable else None,
+        )
+
     def run_soon(self, fn: Callable[[], None]) -> None:
         """Run ``fn()`` once on a delivery thread (work that may block, off a timer thread)."""
         self._ready.put(_Call(fn))
