@@ -601,9 +601,7 @@ class StalledPair(Pair):
     connection, straight to the driver, until told to stop."""
 
     def __init__(self) -> None:
-        super().__init__(
-            client_query="?send_queue_bytes=1048576&send_timeout=30", queue_bytes=2 * MIB, queue_frames=64
-        )
+        super().__init__(client_query="?send_queue_bytes=1048576&send_timeout=30", queue_bytes=2 * MIB, queue_frames=64)
         self.gate = self.server_rx.gate = threading.Event()
         self.conn, self.server_conn = self.conns()
         self.rx = CountingReceiver(self.conn.frame_receiver)
