@@ -73,3 +73,54 @@ def test_a_listener_out_of_descriptors_keeps_its_peers_and_recovers(starved_serv
     err = proc.stderr.read()
     assert "accept failed" in err and "Too many open files" in err, err
     assert err.count("accept failed") <= 3, "the warning is rate-limited, not one per retry"
+
+
+def test_peers_trickling_large_handshakes_do_not_hold_the_pool() -> None:
+    """Four peers each announce a 1 MiB HELLO and send it a byte every 20 ms, forever: the
+    listener's four pool threads must still serve a good client (they used to be pinned)."""
+    import socket
+    import threading
+
+    from helpers import Collector, scaled, wait_until
+
+    from sfm_core import ConnManager, Endpoint, Mode
+    from sfm_core.frames import PREFIX
+
+    server = ConnManager(Endpoint("server"))
+    got = Collector()
+    server.register_message_receiver(1, got)
+    handle = server.add_connector("tcp://127.0.0.1:0?io_threads=4", {}, Mode.PASSIVE)
+    server.start()
+    url = server.wait_listening(handle, scaled(10))
+    port = int(url.rsplit(":", 1)[1])
+    stop = threading.Event()
+    tricklers = [socket.create_connection(("127.0.0.1", port)) for _ in range(4)]
+
+    def trickle() -> None:
+        for s in tricklers:  # "a 1 MiB HELLO follows", then one byte at a time
+            s.sendall(PREFIX.pack(1 << 20, 0, 4, 0, 0, 0, 1, 1))
+        while not stop.wait(0.02):
+            for s in tricklers:
+                try:
+                    s.send(b"\x00")
+                except OSError:
+                    pass
+
+    t = threading.Thread(target=trickle)
+    t.start()
+    client = ConnManager(Endpoint("site-1"))
+    try:
+        wait_until(lambda: len(server.sfm_conns) == 4, what="the tricklers to be accepted")
+        client.add_connector(url, {}, Mode.ACTIVE)
+        client.start()
+        peer = client.wait_for_endpoint("server", timeout=scaled(10))
+        for i in range(20):
+            client.send_message(peer, 1, None, str(i).encode())
+        assert [m[3] for m in got.wait_for(20, timeout=10)] == [str(i).encode() for i in range(20)]
+    finally:
+        stop.set()
+        t.join(scaled(5))
+        client.stop(linger=0)
+        server.stop(linger=0)
+        for s in tricklers:
+            s.close()

@@ -29,6 +29,10 @@ _DELIVER_AT_ONCE = 256 * 1024
 # How long a pool thread waits on a socket for the rest of a large frame before it goes back
 # to serving other sockets (a stalled peer then costs no thread).
 _LARGE_FRAME_WAIT_MS = 50
+# A read after that wait that brings less than this is a peer trickling its frame: the
+# thread gives the socket back to epoll (it would otherwise hold a shared pool thread for as
+# long as the peer keeps trickling: four such peers froze a listener's every connection).
+_TRICKLE = 4096
 
 
 class TcpConnection(Connection):
@@ -72,6 +76,7 @@ class TcpConnection(Connection):
         self._deferred_bytes = 0
         self._eof = False
         self._poller: select.poll | None = None
+        self._trickling = False  # the last wait for a large frame brought a tiny chunk
         self._sends = 0  # frames sent so far, by any thread
         self._one_way = False  # the last on_readable round sent nothing
         try:
@@ -244,6 +249,7 @@ class TcpConnection(Connection):
         recv_into = self.sock.recv_into
         frames: list = []
         reads = 0
+        waited = False
         try:
             while reads < _READS_PER_EVENT or decoder.in_large_frame:
                 buf = decoder.get_buffer()
@@ -252,12 +258,17 @@ class TcpConnection(Connection):
                 except BlockingIOError:
                     # In the middle of a large frame, wait here for the rest: cheaper than a
                     # trip through epoll (and maybe another pool thread) for every chunk.
-                    if decoder.in_large_frame:
+                    if decoder.in_large_frame and not self._trickling:
                         if self.frame_receiver is not None:
                             self.frame_receiver.bytes_received()  # alive, if slow
                         if self._wait_readable():
+                            waited = True
                             continue
                     break
+                if waited or n >= _TRICKLE:
+                    # Sticky until the peer sends a real chunk: a trickler waits in epoll.
+                    self._trickling = n < _TRICKLE
+                    waited = False
                 reads += 1
                 if n == 0:
                     if decoder.pending:
@@ -270,6 +281,8 @@ class TcpConnection(Connection):
                     self._eof = True
                     break
                 done = decoder.buffer_updated(n)
+                if not decoder.in_large_frame:
+                    self._trickling = False
                 if n < len(buf) and not decoder.in_large_frame:
                     # A short read drained the socket: skip the recv that would say EAGAIN.
                     frames += done
@@ -303,8 +316,9 @@ class TcpConnection(Connection):
         return bool(self._poller.poll(timeout_ms)) and not self._closing
 
     def readable_now(self) -> bool:
-        """True if more bytes (or EOF) are waiting: the reactor then keeps serving us."""
-        return not self._closed and self._wait_readable(0)
+        """True if more bytes (or EOF) are waiting: the reactor then keeps serving us (not a
+        peer that trickles a large frame: it goes back to epoll)."""
+        return not self._closed and not self._trickling and self._wait_readable(0)
 
     def wants_gather(self) -> bool:
         """True if the last round only took data in: a one-way stream, worth a short wait."""

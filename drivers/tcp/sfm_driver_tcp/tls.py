@@ -24,7 +24,7 @@ import time
 from sfm_core import CommError, ConnectorInfo
 from sfm_core.tls import TlsSettings, peer_properties
 
-from .connection import _DELIVER_AT_ONCE, _READ_WHILE_SENDING, _READS_PER_EVENT, TcpConnection, _fmt
+from .connection import _DELIVER_AT_ONCE, _READ_WHILE_SENDING, _READS_PER_EVENT, _TRICKLE, TcpConnection, _fmt
 from .reactor import Reactor
 
 log = logging.getLogger(__name__)
@@ -411,17 +411,22 @@ class TlsTcpConnection(TcpConnection):
         raw = _raw_buffer()
         frames: list = []
         reads = 0
+        waited = False
         try:
             while reads < _READS_PER_EVENT or decoder.in_large_frame:
                 try:
                     n = recv_into(raw)
                 except BlockingIOError:
-                    if decoder.in_large_frame:
+                    if decoder.in_large_frame and not self._trickling:
                         if self.frame_receiver is not None:
                             self.frame_receiver.bytes_received()  # alive, if slow
                         if self._wait_readable():
+                            waited = True
                             continue
                     break
+                if waited or n >= _TRICKLE:
+                    self._trickling = n < _TRICKLE  # a trickler waits in epoll, not here
+                    waited = False
                 reads += 1
                 if n == 0:
                     if decoder.pending:
@@ -435,6 +440,8 @@ class TlsTcpConnection(TcpConnection):
                     break
                 write(raw[:n])
                 done = self._decrypt()
+                if not decoder.in_large_frame:
+                    self._trickling = False
                 if done:
                     frames += done
                     if len(done[-1]) >= _DELIVER_AT_ONCE:
