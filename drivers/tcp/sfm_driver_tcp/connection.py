@@ -258,27 +258,14 @@ class TcpConnection(Connection):
                 except BlockingIOError:
                     # In the middle of a large frame, wait here for the rest: cheaper than a
                     # trip through epoll (and maybe another pool thread) for every chunk.
-                    if decoder.in_large_frame and not self._trickling:
-                        if self.frame_receiver is not None:
-                            self.frame_receiver.bytes_received()  # alive, if slow
-                        if self._wait_readable():
-                            waited = True
-                            continue
+                    if self._wait_for_rest():
+                        waited = True
+                        continue
                     break
-                if waited or n >= _TRICKLE:
-                    # Sticky until the peer sends a real chunk: a trickler waits in epoll.
-                    self._trickling = n < _TRICKLE
-                    waited = False
+                waited = self._note_read(n, waited)
                 reads += 1
                 if n == 0:
-                    if decoder.pending:
-                        log.warning(
-                            "connection %s: peer %s closed in the middle of a frame (%d bytes received of it)",
-                            self.name,
-                            _fmt(self._peer),
-                            decoder.pending,
-                        )
-                    self._eof = True
+                    self._at_eof()
                     break
                 done = decoder.buffer_updated(n)
                 if not decoder.in_large_frame:
@@ -308,6 +295,33 @@ class TcpConnection(Connection):
             self._hand_over(frames)
         elif reads and self.frame_receiver is not None:
             self.frame_receiver.bytes_received()  # a large frame is still coming in
+
+    def _wait_for_rest(self) -> bool:
+        """The socket ran dry: in a large frame, wait here for more (unless the peer trickles);
+        True if more came."""
+        if not self._decoder.in_large_frame or self._trickling:
+            return False
+        if self.frame_receiver is not None:
+            self.frame_receiver.bytes_received()  # alive, if slow
+        return self._wait_readable()
+
+    def _note_read(self, n: int, waited: bool) -> bool:
+        """Mark a peer that sent under _TRICKLE after a wait as trickling (sticky until it
+        sends a real chunk: a trickler waits in epoll); returns the new ``waited``."""
+        if waited or n >= _TRICKLE:
+            self._trickling = n < _TRICKLE
+        return False
+
+    def _at_eof(self) -> None:
+        decoder = self._decoder
+        if decoder.pending:
+            log.warning(
+                "connection %s: peer %s closed in the middle of a frame (%d bytes received of it)",
+                self.name,
+                _fmt(self._peer),
+                decoder.pending,
+            )
+        self._eof = True
 
     def _wait_readable(self, timeout_ms: int = _LARGE_FRAME_WAIT_MS) -> bool:
         if self._poller is None:

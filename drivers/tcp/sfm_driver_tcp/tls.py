@@ -24,7 +24,7 @@ import time
 from sfm_core import CommError, ConnectorInfo
 from sfm_core.tls import TlsSettings, peer_properties
 
-from .connection import _DELIVER_AT_ONCE, _READ_WHILE_SENDING, _READS_PER_EVENT, _TRICKLE, TcpConnection, _fmt
+from .connection import _DELIVER_AT_ONCE, _READ_WHILE_SENDING, _READS_PER_EVENT, TcpConnection, _fmt
 from .reactor import Reactor
 
 log = logging.getLogger(__name__)
@@ -417,26 +417,14 @@ class TlsTcpConnection(TcpConnection):
                 try:
                     n = recv_into(raw)
                 except BlockingIOError:
-                    if decoder.in_large_frame and not self._trickling:
-                        if self.frame_receiver is not None:
-                            self.frame_receiver.bytes_received()  # alive, if slow
-                        if self._wait_readable():
-                            waited = True
-                            continue
+                    if self._wait_for_rest():
+                        waited = True
+                        continue
                     break
-                if waited or n >= _TRICKLE:
-                    self._trickling = n < _TRICKLE  # a trickler waits in epoll, not here
-                    waited = False
+                waited = self._note_read(n, waited)
                 reads += 1
                 if n == 0:
-                    if decoder.pending:
-                        log.warning(
-                            "connection %s: peer %s closed in the middle of a frame (%d bytes received of it)",
-                            self.name,
-                            _fmt(self._peer),
-                            decoder.pending,
-                        )
-                    self._eof = True
+                    self._at_eof()
                     break
                 write(raw[:n])
                 done = self._decrypt()
