@@ -61,6 +61,9 @@ class Admission:
                 self.table.undo(sfm_conn, registration)
                 raise
         sfm_conn.flush_control()
+        slot = sfm_conn.conn.slot
+        if slot is not None:
+            slot.handshaken()
         self._settle(registration)
 
     def register(self, sfm_conn: SfmConnection, peer: PeerHello) -> None:

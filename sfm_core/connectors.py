@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from .driver import ConnectorInfo, Driver, Mode
 from .errors import CommError
+from .limits import ListenerLimits
 from .params import get_param
 from .tls import SECURE_SCHEMES
 from .url import parse_url
@@ -54,7 +55,7 @@ def resolve_driver(driver: Driver | str, params: dict | None, registry: DriverRe
 
 def check_params(driver: Driver, params: dict, mode: Mode) -> None:
     """What ``add_connector`` checks before a connector exists: ``secure`` only where the
-    driver has TLS, then the driver's own :meth:`Driver.validate`."""
+    driver has TLS, a listener's limits, then the driver's own :meth:`Driver.validate`."""
     scheme = params.get("scheme")
     if get_param(params, "secure", bool, False, driver=scheme or "sfm") and not driver.capabilities().get("tls"):
         raise CommError(
@@ -70,6 +71,8 @@ def check_params(driver: Driver, params: dict, mode: Mode) -> None:
             scheme,
             ", ".join(tls_given),
         )
+    if mode == Mode.PASSIVE:
+        ListenerLimits.from_params(params)  # a bad max_connections is the caller's mistake, now
     driver.validate(params, mode)
 
 

@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 
 from .errors import CommError
 from .frames import Payload
+from .limits import ListenerLimits, Slot
 from .url import format_url
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,10 @@ class ConnectorInfo:
         self.url: str | None = None
         #: The last error of this connector (bind failure, connect failure), or None.
         self.error: BaseException | None = None
+        #: A listener's connection limits (``max_connections``, ``max_handshakes``); None when active.
+        self.limits: ListenerLimits | None = None
+        if mode == Mode.PASSIVE:
+            self.limits = ListenerLimits.from_params(params, f"{params.get('scheme', 'sfm')} listener {handle}")
         self._listening = threading.Event()
 
     def listening(self, url: str) -> None:
@@ -72,6 +77,13 @@ class ConnectorInfo:
         """Record an error; wakes anyone waiting for the listener."""
         self.error = error
         self._listening.set()
+
+    def admit(self, peer: str = "?") -> Slot | None:
+        """A listener's slot for a new connection from ``peer``, or None (logged) if the
+        listener is full: the driver then closes that connection at once. Drivers that accept
+        sockets themselves call it right after ``accept()``, before any TLS, and set
+        :attr:`Connection.slot`; :meth:`Driver.add_connection` takes one otherwise."""
+        return self.limits.admit(peer) if self.limits is not None else None
 
     def wait_listening(self, timeout: float | None = None) -> str:
         """Block until a passive connector listens; return its URL or raise its error."""
@@ -125,6 +137,8 @@ class Connection(ABC):
     supports_pause: ClassVar[bool] = False
     inline_delivery: ClassVar[bool] = False
     _ids = itertools.count(1)
+    #: This connection's place in its listener's limits (see :meth:`ConnectorInfo.admit`).
+    slot: Slot | None = None
 
     def __init__(self, connector: ConnectorInfo | None) -> None:
         self.name = f"CN{next(Connection._ids):05d}"
@@ -278,8 +292,17 @@ class Driver(ABC):
         with self._conns_lock:
             return list(self._conns.values())
 
-    def add_connection(self, conn: Connection) -> None:
-        """Record a new connection and tell the monitor (which registers a frame receiver)."""
+    def add_connection(self, conn: Connection) -> bool:
+        """Record a new connection and tell the monitor (which registers a frame receiver).
+
+        A listener's connection without a :attr:`Connection.slot` takes one here; if the
+        listener is full, the connection is closed instead and False returned."""
+        connector = conn.connector
+        if conn.slot is None and connector is not None and connector.limits is not None:
+            conn.slot = connector.admit(str(conn.get_conn_properties().get("peer_addr", "?")))
+            if conn.slot is None:
+                conn.close()
+                return False
         with self._conns_lock:
             self._conns[conn.name] = conn
         conn.state = ConnState.CONNECTED
@@ -288,9 +311,14 @@ class Driver(ABC):
             conn.connector.curr_conns += 1
         if self.conn_monitor is not None:
             self.conn_monitor.state_change(conn)
+        return True
 
     def remove_connection(self, conn: Connection) -> None:
-        """Forget a connection that ended and tell the monitor, once."""
+        """Forget a connection that ended (releasing its slot) and tell the monitor, once.
+
+        Call it for every connection that took a slot, even one never added."""
+        if conn.slot is not None:
+            conn.slot.release()
         with self._conns_lock:
             known = self._conns.pop(conn.name, None) is not None
         if not known:

@@ -103,6 +103,9 @@ def sfm_server(
 
     manager.register_message_receiver(1, Counter() if mode == "recv" else Echo())
     params = params_in(tls_dir, server=True) if tls_dir else {}
+    # Fan-in rows open up to 10,000 connections with 1,000 in their handshake at once: above
+    # the defaults, which are sized for a listener on the open internet (docs/security.md).
+    params.update(max_connections=20_000, max_handshakes=2_000)
     handle = manager.add_connector(url, params, Mode.PASSIVE)
     manager.start()
     emit(url=manager.wait_listening(handle, 30))

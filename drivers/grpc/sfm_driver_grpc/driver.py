@@ -21,6 +21,7 @@ import sfm_core
 from sfm_core import CommError, ConnectorInfo, Driver, Mode
 from sfm_core.aio import LoopThread, acquire_loop, release_loop
 from sfm_core.frames import MAX_FRAME_SIZE
+from sfm_core.limits import ListenerLimits
 from sfm_core.params import get_param
 from sfm_core.tls import TlsSettings
 from sfm_core.url import bind_host, connect_address, listening_url
@@ -77,6 +78,10 @@ def _server_options(params: dict, tls: TlsSettings | None) -> list[tuple[str, An
     handshake = _param(params, "handshake_timeout", float, default, minimum=0.001)
     idle = _param(params, "idle_timeout", float, DEFAULT_IDLE_TIMEOUT, minimum=0)
     options = [("grpc.server_handshake_timeout_ms", min(_GRPC_INT_MAX, max(1, int(handshake * 1000))))]
+    # gRPC core counts HTTP/2 connections from accept(), before TLS: the listener's
+    # max_connections holds for the sockets, and the core's slots (one per stream) inside them.
+    limits = ListenerLimits.from_params(params)
+    options.append(("grpc.max_allowed_incoming_connections", limits.max_connections))
     if idle > 0:  # 0: never (gRPC's default)
         options.append(("grpc.max_connection_idle_ms", min(_GRPC_INT_MAX, max(1, int(idle * 1000)))))
     return options
@@ -269,7 +274,8 @@ class GrpcDriver(Driver):
                 tls_props=tls.server_properties(context) if tls is not None else None,
                 **kwargs,
             )
-            self.add_connection(conn)
+            if not self.add_connection(conn):
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "the sfm listener is full; try again later")
             await conn.run()
 
         handler = grpc.method_handlers_generic_handler(SERVICE, {METHOD: grpc.stream_stream_rpc_method_handler(handle)})

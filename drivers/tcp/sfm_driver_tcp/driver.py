@@ -16,6 +16,7 @@ from typing import Any
 
 from sfm_core import CommError, ConnectorInfo, Driver, Mode
 from sfm_core.frames import MAX_FRAME_SIZE, PREFIX_LEN
+from sfm_core.limits import Slot
 from sfm_core.params import get_param
 from sfm_core.tls import TlsSettings
 from sfm_core.url import bind_host, connect_host, listening_url
@@ -102,7 +103,7 @@ class _Listener:
     def on_readable(self) -> None:
         for _ in range(_ACCEPTS_PER_EVENT):
             try:
-                sock, _addr = self.sock.accept()
+                sock, addr = self.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
@@ -113,7 +114,11 @@ class _Listener:
                 if e.errno in _RESOURCE_ERRORS:
                     time.sleep(0.1)  # the connection stays queued; this pool thread backs off
                 return
-            self.driver._serve(sock, self.connector, self.reactor, self.params, self.tls)
+            slot = self.connector.admit(_fmt(addr))
+            if slot is None:
+                sock.close()  # the listener is full; the limit logs why
+                continue
+            self.driver._serve(sock, self.connector, self.reactor, self.params, self.tls, slot)
 
     def on_reactor_stop(self) -> None:
         self.sock.close()
@@ -204,6 +209,7 @@ class TcpDriver(Driver):
         reactor: Reactor,
         params: TcpParams,
         tls: TlsSettings | None = None,
+        slot: Slot | None = None,
     ) -> None:
         try:
             sock.setblocking(False)
@@ -232,7 +238,10 @@ class TcpDriver(Driver):
         except (OSError, ssl.SSLError) as e:  # the peer may already be gone
             log.info("tcp: dropping a new connection: %s", e)
             sock.close()
+            if slot is not None:
+                slot.release()
             return
+        conn.slot = slot
         if tls is not None:
             # The TLS handshake runs on the pool's threads as its bytes arrive; the core
             # gets the connection (add_connection) once it is complete.
@@ -242,6 +251,8 @@ class TcpDriver(Driver):
             except BaseException:
                 timer.discard(conn)
                 sock.close()
+                if slot is not None:
+                    slot.release()
                 raise
             return
         conn.watch_for_tls()

@@ -172,6 +172,13 @@ class WebSocketConnection(Connection, asyncio.Protocol):
         self._loop_tid = threading.get_ident()
         self._peer = transport.get_extra_info("peername")
         self._local = transport.get_extra_info("sockname")
+        connector = self.connector
+        if self.is_server and self.slot is None and connector is not None:
+            # A plaintext listener's connection takes its slot here, right after accept().
+            self.slot = connector.admit(fmt_addr(self._peer))
+            if self.slot is None and connector.limits is not None:
+                transport.abort()  # the listener is full; the limit logs why
+                return
         if self.tls is not None:
             # With TLS asyncio calls connection_made once the TLS handshake is done.
             ssl_object = transport.get_extra_info("ssl_object")
@@ -220,6 +227,8 @@ class WebSocketConnection(Connection, asyncio.Protocol):
         return None  # let the transport close
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.slot is not None and not self.added:
+            self.slot.release()  # remove_connection releases it otherwise
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

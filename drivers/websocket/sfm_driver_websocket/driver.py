@@ -173,7 +173,7 @@ class WebSocketDriver(Driver):
                         loop.create_server(factory, host or None, port, backlog=backlog, reuse_address=True), 30.0
                     )
                 else:
-                    server = TlsServer(loop, tls, factory, scheme, opts["close_timeout"])
+                    server = TlsServer(loop, tls, factory, scheme, opts["close_timeout"], connector.admit)
                     lt.run(server.start(host or None, port, backlog), 30.0)
             except OSError as e:
                 raise CommError(CommError.ERROR, f"websocket: cannot listen on {host or '*'}:{port}: {e}") from None

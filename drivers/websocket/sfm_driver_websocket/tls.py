@@ -18,6 +18,7 @@ import socket
 import ssl
 from collections.abc import Callable
 
+from sfm_core.limits import Slot
 from sfm_core.tls import SECURE_SCHEMES, TlsSettings
 
 log = logging.getLogger(__name__)
@@ -105,8 +106,13 @@ class TlsServer:
         factory: Callable[[], asyncio.Protocol],
         scheme: str,
         shutdown_timeout: float,
+        admit: Callable[[str], Slot | None] | None = None,
     ) -> None:
         self.loop = loop
+        #: Takes a listener slot for an accepted socket (None when the listener is full).
+        self.admit = admit
+        #: The slots of sockets whose TLS handshake is not done (then their protocol owns it).
+        self._slots: dict[socket.socket, Slot] = {}
         self.settings = settings
         self.factory = factory
         self.scheme = secure_scheme(scheme)
@@ -165,12 +171,31 @@ class TlsServer:
                     self.loop.call_later(1.0, self._resume_accepting, lsock)
                     return
                 continue  # the client went away between its connect and our accept
+            if self.admit is not None:
+                slot = self.admit(_fmt(addr))
+                if slot is None:
+                    sock.close()  # the listener is full; the limit logs why
+                    continue
+                self._slots[sock] = slot
             sock.setblocking(False)
             self._wait_first_byte(sock, addr)
 
     def _resume_accepting(self, lsock: socket.socket) -> None:
         if not self._closed and lsock.fileno() >= 0:
             self.loop.add_reader(lsock.fileno(), self._accept, lsock)
+
+    def _drop(self, sock: socket.socket) -> None:
+        """Close a socket before its protocol exists, and free its slot."""
+        sock.close()
+        slot = self._slots.pop(sock, None)
+        if slot is not None:
+            slot.release()
+
+    def _protocol(self, sock: socket.socket) -> asyncio.Protocol:
+        # The slot stays in _slots too until the handshake is done: a failed one releases it.
+        protocol = self.factory()
+        protocol.slot = self._slots.get(sock)  # type: ignore[attr-defined]
+        return protocol
 
     # -- before the handshake: the first byte ----------------------------------------------
 
@@ -195,7 +220,7 @@ class TlsServer:
             _fmt(addr),
             self.settings.handshake_timeout,
         )
-        sock.close()
+        self._drop(sock)
 
     def _first_byte(self, sock: socket.socket, addr: object, deadline: float) -> None:
         try:
@@ -205,12 +230,12 @@ class TlsServer:
         except OSError as e:
             self._stop_waiting(sock)
             log.info("%s listener: %s gone before the TLS handshake: %s", self.scheme, _fmt(addr), e)
-            sock.close()
+            self._drop(sock)
             return
         self._stop_waiting(sock)
         if not first:
             log.info("%s listener: %s closed the connection before the TLS handshake", self.scheme, _fmt(addr))
-            sock.close()
+            self._drop(sock)
             return
         if first[0] != TLS_HANDSHAKE_RECORD:
             self._plaintext(sock, addr)
@@ -224,7 +249,7 @@ class TlsServer:
         self._handshakes.discard(task)
         sock = self._unstarted.pop(task, None)
         if sock is not None:  # cancelled before it ran: the socket is still ours
-            sock.close()
+            self._drop(sock)
 
     def _plaintext(self, sock: socket.socket, addr: object) -> None:
         log.warning(
@@ -240,7 +265,7 @@ class TlsServer:
             sock.send(plaintext_response(self.scheme))
         except OSError:
             pass
-        sock.close()
+        self._drop(sock)
 
     # -- the handshake ---------------------------------------------------------------------
 
@@ -248,22 +273,24 @@ class TlsServer:
         self._unstarted.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
         try:
             await self.loop.connect_accepted_socket(
-                self.factory,
+                lambda: self._protocol(sock),
                 sock,
                 ssl=self.settings.server_context(),
                 ssl_handshake_timeout=max(deadline - self.loop.time(), 0.001),
                 ssl_shutdown_timeout=self.shutdown_timeout,
             )
+            self._slots.pop(sock, None)  # the protocol owns it now
         except asyncio.CancelledError:
-            raise  # the listener is closing; asyncio closed the transport, and the socket with it
+            self._drop(sock)  # the listener is closing; asyncio closed the transport, the slot is ours
+            raise
         except OSError as e:  # ssl.SSLError, the handshake timeout, a reset
             log.warning("%s listener: TLS handshake with %s failed: %s", self.scheme, _fmt(addr), _server_reason(e))
             # asyncio force-closed the transport (no reader or writer left on the socket); this
             # also closes a socket it failed to make a transport of.
-            sock.close()
+            self._drop(sock)
         except Exception as e:  # nothing from the loop escapes as a traceback
             log.warning("%s listener: TLS handshake with %s failed: %r", self.scheme, _fmt(addr), e)
-            sock.close()
+            self._drop(sock)
 
     # -- closing ---------------------------------------------------------------------------
 
@@ -276,7 +303,7 @@ class TlsServer:
             sock.close()
         for sock in list(self._waiting):
             self._stop_waiting(sock)
-            sock.close()
+            self._drop(sock)
         for task in list(self._handshakes):
             task.cancel()
 
