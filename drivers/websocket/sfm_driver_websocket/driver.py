@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import errno
 import functools
 import logging
+import socket
 import ssl
 import threading
 from typing import Any
@@ -68,7 +70,7 @@ class WebSocketDriver(Driver):
         self._loop_thread: LoopThread | None = None
         #: Every transport this driver has open (handshaking or not); loop thread only.
         self._live: set[WebSocketConnection] = set()
-        self._servers: list[asyncio.AbstractServer | TlsServer] = []
+        self._servers: list[_PlainServer | TlsServer] = []
         #: connect() calls still opening (TCP connect or upgrade); loop thread only.
         self._opening: set[asyncio.Task] = set()
         self._pending = 0
@@ -169,9 +171,7 @@ class WebSocketDriver(Driver):
 
             try:
                 if tls is None:
-                    server: Any = lt.run(
-                        loop.create_server(factory, host or None, port, backlog=backlog, reuse_address=True), 30.0
-                    )
+                    server: Any = lt.run(_PlainServer.start(loop, factory, host or None, port, backlog), 30.0)
                 else:
                     server = TlsServer(loop, tls, factory, scheme, opts["close_timeout"], connector.admit)
                     lt.run(server.start(host or None, port, backlog), 30.0)
@@ -338,6 +338,89 @@ class WebSocketDriver(Driver):
             task.cancel()
         for conn in list(self._live):
             conn._close_on_loop()
+
+
+class _PlainServer:
+    """A plain listener on every address of a host, all on one port.
+
+    ``loop.create_server(host=None, port=0)`` binds 0.0.0.0 and :: to two *different* ports,
+    and a listener reports one URL: here the first socket picks the port and every other
+    family binds that same port (as :meth:`TlsServer.start` does), so the reported port
+    works on every address. ``sockets`` and ``close()`` are those of ``asyncio.Server``.
+    """
+
+    #: Attempts with a new port when port 0 was asked and another family's port was taken.
+    PORT_ATTEMPTS = 10
+
+    def __init__(self, servers: list[asyncio.AbstractServer]) -> None:
+        self.servers = servers
+
+    @property
+    def sockets(self) -> list:
+        return [s for server in self.servers for s in server.sockets]
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.close()
+
+    @classmethod
+    async def start(
+        cls, loop: asyncio.AbstractEventLoop, factory: Any, host: str | None, port: int, backlog: int
+    ) -> _PlainServer:
+        """Bind and listen on every address of ``host`` (all interfaces for None); raises ``OSError``."""
+        infos = await loop.getaddrinfo(
+            host, port, family=socket.AF_UNSPEC, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        unique, seen = [], set()
+        for family, type_, proto, _, addr in infos:
+            if (family, addr) not in seen:
+                seen.add((family, addr))
+                unique.append((family, type_, proto, addr))
+        if not unique:
+            raise OSError(f"getaddrinfo({host!r}) returned no address")
+        for attempt in range(cls.PORT_ATTEMPTS):
+            try:
+                socks = _bind_all(unique, port, backlog)
+                break
+            except OSError as e:
+                # With port 0, the port the first family got may be taken on another family:
+                # try again with a new one. An explicit port fails at once.
+                if port != 0 or e.errno != errno.EADDRINUSE or attempt == cls.PORT_ATTEMPTS - 1:
+                    raise
+        servers: list[asyncio.AbstractServer] = []
+        try:
+            for sock in socks:
+                servers.append(await loop.create_server(factory, sock=sock, backlog=backlog))
+        except BaseException:
+            for server in servers:
+                server.close()
+            for sock in socks[len(servers) :]:
+                sock.close()
+            raise
+        return cls(servers)
+
+
+def _bind_all(addrs: list[tuple], port: int, backlog: int) -> list[socket.socket]:
+    """One listening socket per ``(family, type, proto, addr)``, every one on the same port."""
+    socks: list[socket.socket] = []
+    try:
+        for family, type_, proto, addr in addrs:
+            sock = socket.socket(family, type_, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
+                # As create_server does: :: must not also take IPv4, which has its own socket.
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if port == 0 and len(socks) > 1:  # one port for every family
+                addr = (addr[0], socks[0].getsockname()[1], *addr[2:])
+            sock.bind(addr)
+            sock.listen(backlog)
+            sock.setblocking(False)
+    except OSError:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
 
 
 async def _wait_lost(conns: list[WebSocketConnection], timeout: float) -> None:
