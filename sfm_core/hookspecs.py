@@ -6,8 +6,11 @@ point in the group ``sfm.drivers`` whose *name* is the URL scheme::
     [project.entry-points."sfm.drivers"]
     tcp = "sfm_driver_tcp:TcpDriver"
 
-When the core loads a driver, it registers the driver's module with the plugin manager, so
-that module may also implement any hook below with ``@sfm_core.hookimpl``. Other code can
+When the core loads a driver, it registers with the plugin manager both the module that
+defines the driver class and the module the entry point names (``sfm_driver_tcp`` above),
+each once, so either may also implement any hook below with ``@sfm_core.hookimpl`` (a hook
+function one of them re-exports from the other is still one implementation). A driver that
+fails to load, or declares a driver contract this core does not support, is not registered. Other code can
 observe the core by registering an object: ``sfm_core.get_plugin_manager().register(obj)``.
 
 Broadcast hooks are called on the thread where the event happened; an implementation must

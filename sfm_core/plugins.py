@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+import types
 from typing import Any
 
 import pluggy
@@ -17,20 +18,44 @@ _pm: pluggy.PluginManager | None = None
 _pm_lock = threading.Lock()
 
 
+class _PluginManager(pluggy.PluginManager):
+    """A plugin manager that takes a module's hook function only once.
+
+    A driver package's ``__init__`` often re-exports the hooks of its driver module
+    (``from .driver import sfm_bench_baseline``); both modules are plugins, and the function
+    must still be one implementation, or a broadcast hook would be called twice.
+    """
+
+    def parse_hookimpl_opts(self, plugin: Any, name: str) -> Any:
+        opts = super().parse_hookimpl_opts(plugin, name)
+        if opts is not None and isinstance(plugin, types.ModuleType):
+            function = plugin.__dict__.get(name)
+            if function is not None and self._has_impl(function):
+                return None
+        return opts
+
+    def _has_impl(self, function: Any) -> bool:
+        for caller in vars(self.hook).values():
+            if isinstance(caller, pluggy.HookCaller):
+                if any(impl.function is function for impl in caller.get_hookimpls()):
+                    return True
+        return False
+
+
 def get_plugin_manager() -> pluggy.PluginManager:
     """The plugin manager every ConnManager and driver registry of this process uses."""
     global _pm
     with _pm_lock:
         if _pm is None:
-            pm = pluggy.PluginManager(hookspecs.PROJECT)
+            pm = _PluginManager(hookspecs.PROJECT)
             pm.add_hookspecs(hookspecs)
             _pm = pm
         return _pm
 
 
-def register_module_of(obj: Any) -> None:
-    """Register the module that defines ``obj`` (a driver class) as a plugin, once."""
-    module = sys.modules.get(getattr(obj, "__module__", ""))
+def register_module(module: types.ModuleType | None) -> None:
+    """Register ``module`` as a plugin, once; a hook function already registered through
+    another module (a re-export) is not taken again. A failure is logged, never raised."""
     if module is None:
         return
     pm = get_plugin_manager()
@@ -39,6 +64,19 @@ def register_module_of(obj: Any) -> None:
             pm.register(module)
         except Exception:  # a broken hookimpl must not stop the driver from working
             log.exception("could not register %s as an sfm plugin", module.__name__)
+
+
+def register_module_of(obj: Any) -> None:
+    """Register the module that defines ``obj`` (a driver class) as a plugin, once."""
+    register_module(sys.modules.get(getattr(obj, "__module__", "")))
+
+
+def register_driver_modules(driver_class: Any, entry_point_module: str | None = None) -> None:
+    """Register the plugins of a loaded driver: the module that defines ``driver_class``, then
+    the module its entry point names (a package's ``__init__``, say), each once."""
+    register_module_of(driver_class)
+    if entry_point_module:
+        register_module(sys.modules.get(entry_point_module))
 
 
 def broadcast(hook_name: str, **kwargs: Any) -> None:
