@@ -209,7 +209,7 @@ class DriverRegistry:
         self._allow: set[str] | None = None if allow is None else _names(allow)
         self._deny: set[str] = _names(deny)
         self._strict = strict
-        #: Choices already warned about: (scheme, distribution chosen, rule, note).
+        #: What was already warned about: (scheme, distribution chosen, rule) or (scheme, "", note).
         self._warned: set[tuple[str, str, str]] = set()
 
     # -- discovery (metadata only) -------------------------------------------------------
