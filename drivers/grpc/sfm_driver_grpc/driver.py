@@ -72,6 +72,10 @@ def _options(max_frame_size: int, batch: bool) -> list[tuple[str, Any]]:
     ]
 
 
+#: Streams one client connection may have open at once on a listener (``max_streams``).
+DEFAULT_MAX_STREAMS = 4
+
+
 def _server_options(params: dict, tls: TlsSettings | None) -> list[tuple[str, Any]]:
     """Bounds on connections that never become a stream (hostile or broken peers)."""
     default = tls.handshake_timeout if tls is not None else DEFAULT_HANDSHAKE_TIMEOUT
@@ -82,6 +86,11 @@ def _server_options(params: dict, tls: TlsSettings | None) -> list[tuple[str, An
     # max_connections holds for the sockets, and the core's slots (one per stream) inside them.
     limits = ListenerLimits.from_params(params)
     options.append(("grpc.max_allowed_incoming_connections", limits.max_connections))
+    # An sfm connection is one stream (NVFlare's too). gRPC core buffers a whole message,
+    # up to max_frame_size, before the driver sees it, and sets no stream limit of its own:
+    # this bounds what one connection can make the listener hold before its handshake.
+    streams = _param(params, "max_streams", int, DEFAULT_MAX_STREAMS, minimum=1)
+    options.append(("grpc.max_concurrent_streams", streams))
     if idle > 0:  # 0: never (gRPC's default)
         options.append(("grpc.max_connection_idle_ms", min(_GRPC_INT_MAX, max(1, int(idle * 1000)))))
     return options
@@ -125,7 +134,7 @@ class GrpcDriver(Driver):
     """gRPC, plaintext (``grpc://``) or TLS (``grpcs://``, or ``secure=true``). Params:
     ``host``, ``port``, ``max_frame_size``, ``send_timeout``, ``connect_timeout``,
     ``send_queue_bytes``, ``batch`` (offer the ``grpc-batch`` extension, default on),
-    ``batch_bytes``; listener: ``handshake_timeout``, ``idle_timeout``; TLS (``sfm_core.tls``):
+    ``batch_bytes``; listener: ``handshake_timeout``, ``idle_timeout``, ``max_streams``; TLS (``sfm_core.tls``):
     ``ca_cert``, ``server_cert``, ``server_key``, ``client_cert``, ``client_key``,
     ``connection_security``, ``tls_handshake_timeout``; connector: ``ssl_target_name_override``.
     """
