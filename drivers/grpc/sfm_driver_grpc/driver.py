@@ -139,6 +139,9 @@ class GrpcDriver(Driver):
     ``connection_security``, ``tls_handshake_timeout``; connector: ``ssl_target_name_override``.
     """
 
+    #: The driver contract this driver is written for (docs/plugins.md).
+    SFM_DRIVER_CONTRACT = 1
+
     def __init__(self) -> None:
         super().__init__()
         self._lock = threading.Lock()

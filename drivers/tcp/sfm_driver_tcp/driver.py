@@ -134,6 +134,9 @@ class TcpDriver(Driver):
     ``tls_handshake_timeout``).
     """
 
+    #: The driver contract this driver is written for (docs/plugins.md).
+    SFM_DRIVER_CONTRACT = 1
+
     def __init__(self) -> None:
         super().__init__()
         self._reactors: list[Reactor] = []

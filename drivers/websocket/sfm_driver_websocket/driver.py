@@ -63,6 +63,9 @@ class WebSocketDriver(Driver):
     ``tls_handshake_timeout``, ``secure``).
     """
 
+    #: The driver contract this driver is written for (docs/plugins.md).
+    SFM_DRIVER_CONTRACT = 1
+
     def __init__(self) -> None:
         super().__init__()
         self._lock = threading.Lock()
