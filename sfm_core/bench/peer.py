@@ -23,6 +23,23 @@ def emit(**data: object) -> None:
     sys.stdout.flush()
 
 
+def current_rss() -> int:
+    """This process's resident set size in bytes. psutil is a test extra, not a dependency
+    of ``sfm bench``: without it, Linux's /proc/self/statm, else the peak RSS (getrusage)."""
+    try:
+        import psutil
+    except ImportError:
+        pass
+    else:
+        return psutil.Process().memory_info().rss
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
+
+
 def raise_nofile() -> int:
     """Raise the open-files limit as far as the machine allows; return it."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -116,13 +133,10 @@ def sfm_server(
             wait_stdin_closed()
         elif mode == "listen":
             # Fan-in: report on request ("stats" line), until stdin closes.
-            import psutil
-
-            proc = psutil.Process()
             for line in sys.stdin:
                 if line.strip() == "stats":
                     ready = len(manager.endpoints)
-                    emit(ready=ready, rss=proc.memory_info().rss, threads=threading.active_count())
+                    emit(ready=ready, rss=current_rss(), threads=threading.active_count())
         else:
             wait_stdin_closed()
     finally:
