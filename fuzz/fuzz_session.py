@@ -194,13 +194,17 @@ class Checker:
 
     def adopt(self, inp: Input, before: State) -> None:
         """``adopt(peer)``: the shell learned of the peer another way (``update_endpoint``)."""
-        if before not in ADOPT_FROM:
-            return  # CLOSING/CLOSED -> OPEN: the reported bug (docs/fuzzing.md); skipped until fixed
         try:
             peer = parse_handshake(self.handshake(inp, FrameType.HELLO)[16:], self.name)
         except CommError:
             return  # a map the shell would not adopt either
-        self.session.adopt(peer)
+        try:
+            self.session.adopt(peer)
+        except CommError as e:
+            assert before not in ADOPT_FROM and e.code == CommError.CLOSED, f"adopt refused in {before}: {e}"
+            assert self.session.state is before
+            return
+        assert before in ADOPT_FROM, f"adopt reopened a {before} session"
         assert self.session.state is S.OPEN and self.session.peer is peer
         self.check_send_limit()
 

@@ -9,8 +9,7 @@ from collections.abc import Callable, Mapping
 
 from .endpoint import Endpoint
 from .endpoint_table import EndpointTable, Registration
-from .errors import CommError
-from .handshake import ENDPOINT_NAME_KEY, EXTENSIONS_KEY, MAX_FRAME_SIZE_KEY, PeerHello
+from .handshake import PeerHello, peer_from_map
 from .identity import check_identity
 from .sfm_connection import SfmConnection
 from .tls import IDENTITY_BINDING, PEER_CN
@@ -78,15 +77,11 @@ class Admission:
             self._settle(registration)
 
     def update(self, sfm_conn: SfmConnection, data: dict) -> None:
-        """Record a peer from a handshake map learned another way (``update_endpoint``)."""
-        name = data.get("endpoint_name")
-        if not name:
-            raise CommError(CommError.BAD_DATA, "handshake has no endpoint_name")
-        protocol = (ENDPOINT_NAME_KEY, EXTENSIONS_KEY, MAX_FRAME_SIZE_KEY)
-        properties = {k: v for k, v in data.items() if k not in protocol}
-        ext = data.get(EXTENSIONS_KEY)
-        offered = frozenset(e for e in ext if isinstance(e, str)) if isinstance(ext, list) else frozenset()
-        peer = PeerHello(name, properties, offered, data.get(MAX_FRAME_SIZE_KEY))
+        """Record a peer from a handshake map learned another way (``update_endpoint``).
+
+        Raises ``CommError``: ``BAD_DATA`` naming what is wrong with the map, ``CLOSED`` if
+        the connection is closing or closed."""
+        peer = peer_from_map(data, self.local_name)
         sfm_conn.session.adopt(peer)
         sfm_conn.conn.extensions = sfm_conn.session.driver_extensions
         self.register(sfm_conn, peer)

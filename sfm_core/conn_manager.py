@@ -333,7 +333,8 @@ class ConnManager(ConnMonitor):
 
         As in the original, a new handshake from an endpoint name replaces that endpoint's
         older connections (typically half-open ones of a client that reconnected): they are
-        closed, and the endpoint stays READY throughout.
+        closed, and the endpoint stays READY throughout. Raises ``CommError``: ``BAD_DATA``
+        naming what is wrong with ``data``, ``CLOSED`` if the connection is closing or closed.
         """
         self._admission.update(sfm_conn, data)
 

@@ -96,6 +96,14 @@ def parse_handshake(payload: Buffer | None, local_name: str) -> PeerHello:
         raise CommError(CommError.BAD_DATA, f"handshake payload is not valid msgpack: {e}") from None
     if not isinstance(data, dict):
         raise CommError(CommError.BAD_DATA, f"handshake payload must be a map, got {type(data).__name__}")
+    return peer_from_map(data, local_name)
+
+
+def peer_from_map(data: dict, local_name: str | None = None) -> PeerHello:
+    """The peer described by a decoded handshake map (``data`` is not changed). Raises
+    ``CommError(BAD_DATA)`` naming what is wrong: no or a bad ``endpoint_name`` (or
+    ``local_name`` itself), a bad ``sfm_max_frame_size``."""
+    data = dict(data)
     name = data.pop(ENDPOINT_NAME_KEY, None)
     if not isinstance(name, str) or not name:
         raise CommError(CommError.BAD_DATA, "handshake has no endpoint_name")

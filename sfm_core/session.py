@@ -219,13 +219,18 @@ class Session:
         return self._control_frame(frame_type, payload, stream_id=1)
 
     def adopt(self, peer: PeerHello) -> None:
-        """Open with a peer the shell learned of another way (``ConnManager.update_endpoint``)."""
+        """Open with a peer the shell learned of another way (``ConnManager.update_endpoint``).
+
+        Raises ``CommError(CLOSED)`` once the session is closing or closed: it never reopens."""
+        if self.state in (State.CLOSING, State.CLOSED):
+            raise CommError(CommError.CLOSED, f"cannot adopt {peer.name!r}: the connection is {self.state.value}")
         self._open(peer)
         self.state = State.OPEN
 
     def _open(self, peer: PeerHello) -> None:
         self.peer = peer
         self.extensions = negotiate(self.offered, peer.extensions)
+        self.send_limit = self.max_frame_size  # a peer adopted later brings its own limit, or none
         if FRAME_LIMIT_EXTENSION in self.extensions and peer.max_frame_size is not None:
             self.send_limit = min(self.max_frame_size, peer.max_frame_size)
 

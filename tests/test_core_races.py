@@ -14,7 +14,7 @@ from sfm_core import CommError, ConnManager, Endpoint, EndpointMonitor, Endpoint
 from sfm_core.delivery import Dispatcher
 from sfm_core.driver import Connection, ConnState, Driver
 from sfm_core.frames import FrameType, decode_frame, encode_frame
-from sfm_core.handshake import build_handshake
+from sfm_core.handshake import PeerHello, build_handshake
 from sfm_core.session import Session, State
 from sfm_core.sfm_connection import SfmConnection
 
@@ -302,3 +302,47 @@ def test_a_heartbeat_check_period_must_be_positive() -> None:
     """heartbeat_check <= 0 would spin the timer thread: refused."""
     with pytest.raises(CommError, match="heartbeat_check must be > 0"):
         ConnManager(Endpoint("x"), heartbeat_check=-1)
+
+
+@pytest.mark.parametrize(
+    ("data", "named"),
+    [
+        ({"endpoint_name": "site-1", "sfm_max_frame_size": "big"}, "sfm_max_frame_size"),
+        ({"role": "x"}, "endpoint_name"),
+        ({"endpoint_name": "a.a"}, "a.a"),
+    ],
+)
+def test_update_endpoint_refuses_a_bad_map_naming_what_is_wrong(manager, data, named) -> None:
+    """Found by fuzzing: a non-integer frame limit reached the session as a TypeError."""
+    conn = FakeConn(inline=True)
+    conn.state = ConnState.CONNECTED
+    manager.state_change(conn)
+    [sfm_conn] = manager.sfm_conns.values()
+    with pytest.raises(CommError) as err:
+        manager.update_endpoint(sfm_conn, data)
+    assert err.value.code == CommError.BAD_DATA and named in err.value.message
+    assert manager.find_endpoint("site-1") is None
+
+
+def test_adopt_never_reopens_a_closed_or_closing_session() -> None:
+    """Found by fuzzing: adopt() after connection_lost() set the state back to OPEN."""
+    peer = PeerHello("site-1", {}, frozenset())
+    closed = Session("server", None, active=False, now=0.0)
+    closed.connection_lost("gone")
+    closing = Session("server", None, active=False, now=0.0)
+    closing.adopt(peer)
+    closing.begin_close()
+    for session, state in ((closed, State.CLOSED), (closing, State.CLOSING)):
+        with pytest.raises(CommError) as err:
+            session.adopt(peer)
+        assert err.value.code == CommError.CLOSED
+        assert session.state is state
+
+
+def test_a_second_adopt_brings_its_own_frame_limit() -> None:
+    """A peer adopted later without the frame-limit extension is not held to the first one's."""
+    session = Session("server", None, active=False, now=0.0, extensions=["frame-limit"])
+    session.adopt(PeerHello("site-1", {}, frozenset({"frame-limit"}), 1000))
+    assert session.send_limit == 1000
+    session.adopt(PeerHello("site-1", {}, frozenset()))
+    assert session.send_limit == session.max_frame_size
