@@ -177,23 +177,38 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def cmd_drivers(args: argparse.Namespace) -> int:
-    entries = [e.describe() for e in get_registry().load_all()]
+    registry = get_registry()
+    if args.why:
+        _out("\n".join(registry.explain(args.why, load=True)))
+        return 0
+    strict_error = None
+    try:
+        loaded = registry.load_all()
+    except CommError as e:  # strict mode: the table still shows what failed, then exit 1
+        strict_error = e.message
+        loaded = registry.entries()
+    entries = [e.describe() for e in loaded]
     if args.json:
-        _json({"drivers": entries})
-        return 0
-    if not entries:
+        _json({"drivers": entries, "strict_error": strict_error})
+    elif not entries:
         _out("no drivers installed; pip install sfm-driver-tcp (or another sfm-driver-*)")
-        return 0
-    rows = [("scheme", "distribution", "version", "driver class", "capabilities", "status")]
-    for e in entries:
-        status = e["status"]
-        if status == "failed":
-            status = f"failed to load: {e['error']}"
-        elif status == "shadowed":
-            status = f"shadowed by {e['shadowed_by']}"
-        caps = ", ".join(f"{k}={v}" for k, v in (e["capabilities"] or {}).items())
-        rows.append((e["scheme"], e["distribution"], e["version"], e["driver_class"] or "-", caps, status))
-    _out(_table(rows, _width(), wrap=(3, 4, 5)))
+    else:
+        rows = [("scheme", "distribution", "version", "driver class", "capabilities", "status")]
+        for e in entries:
+            status = e["status"]
+            if status == "failed":
+                status = f"failed to load: {e['error']}"
+            elif status == "shadowed":
+                status = f"shadowed by {e['shadowed_by']}"
+            elif status in ("incompatible", "denied") and e["error"]:
+                status = f"{status}: {e['error'].removeprefix('denied: ')}"
+            status = "; ".join([status, *e["notes"]])
+            caps = ", ".join(f"{k}={v}" for k, v in (e["capabilities"] or {}).items())
+            rows.append((e["scheme"], e["distribution"], e["version"], e["driver_class"] or "-", caps, status))
+        _out(_table(rows, _width(), wrap=(3, 4, 5)))
+    if strict_error is not None:
+        _progress(f"sfm drivers: {strict_error}")
+        return 1
     return 0
 
 
@@ -648,6 +663,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("drivers", "list installed drivers by scheme")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument(
+        "--why", metavar="SCHEME", help="which distributions claim SCHEME, which one serves it and by which rule"
+    )
     p.set_defaults(func=cmd_drivers)
 
     p = command("serve", "run an endpoint")

@@ -281,3 +281,45 @@ def test_bench_fan_in_listener_works_without_psutil(tmp_path, monkeypatch) -> No
     assert rows["fanin_ready"].value == 5
     assert rows["fanin_rss"].value > 0
     assert rows["fanin_threads"].value > 0
+
+
+# -- sfm drivers: --why, denied, strict ------------------------------------------------------
+
+
+def _sfm(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "sfm_core", *args],
+        capture_output=True,
+        text=True,
+        timeout=scaled(60),
+        env={**os.environ, "COLUMNS": "1000", **env},  # wide: no wrapped cells
+    )
+
+
+def test_drivers_why_says_who_serves_a_scheme_and_by_which_rule(capsys) -> None:
+    assert main(["drivers", "--why", "tcp"]) == 0
+    out = capsys.readouterr().out
+    assert "claimed by sfm-driver-tcp" in out and "chosen: sfm-driver-tcp" in out
+
+
+def test_drivers_shows_a_denied_distribution_and_why() -> None:
+    r = _sfm(["drivers", "--json"], {"SFM_DRIVERS_DENY": "sfm_driver_grpc"})  # normalized: sfm-driver-grpc
+    assert r.returncode == 0, r.stderr
+    grpc = [e for e in json.loads(r.stdout)["drivers"] if e["scheme"] == "grpc"]
+    assert grpc and grpc[0]["status"] == "denied" and "SFM_DRIVERS_DENY" in grpc[0]["error"]
+
+
+def test_drivers_in_strict_mode_exits_1_when_a_driver_fails_and_still_shows_the_table(tmp_path) -> None:
+    info = tmp_path / "sfm_driver_broken-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: sfm-driver-broken\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[sfm.drivers]\nbrokenx = sfm_driver_broken:Driver\n")
+    (tmp_path / "sfm_driver_broken.py").write_text("raise ImportError('this driver is broken on purpose')\n")
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    lenient = _sfm(["drivers"], env)
+    assert lenient.returncode == 0, lenient.stderr
+    assert "broken on purpose" in lenient.stdout
+    strict = _sfm(["drivers"], {**env, "SFM_DRIVERS_STRICT": "1"})
+    assert strict.returncode == 1
+    assert "broken on purpose" in strict.stdout  # the table
+    assert "strict mode" in strict.stderr and "brokenx" in strict.stderr
