@@ -60,9 +60,7 @@ class Admission:
                 self.table.undo(sfm_conn, registration)
                 raise
         sfm_conn.flush_control()
-        slot = sfm_conn.conn.slot
-        if slot is not None:
-            slot.handshaken()
+        _handshaken(sfm_conn)
         self._settle(registration)
 
     def register(self, sfm_conn: SfmConnection, peer: PeerHello) -> None:
@@ -85,6 +83,7 @@ class Admission:
         sfm_conn.session.adopt(peer)
         sfm_conn.conn.extensions = sfm_conn.session.driver_extensions
         self.register(sfm_conn, peer)
+        _handshaken(sfm_conn)
 
     def _identity_ok(self, sfm_conn: SfmConnection, peer: PeerHello, conn_props: dict) -> bool:
         """On mutual TLS, the claimed name must resolve to the certificate's CN, and no connection
@@ -139,3 +138,10 @@ class Admission:
             old.close()
         self.table.announce(registration)
         self.table.tell(self.notify)
+
+
+def _handshaken(sfm_conn: SfmConnection) -> None:
+    """A listener's connection is through its handshake: it leaves ``max_handshakes``."""
+    slot = sfm_conn.conn.slot
+    if slot is not None:
+        slot.handshaken()

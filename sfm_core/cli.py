@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -146,7 +147,7 @@ def _positive(kind: type, *, zero: bool = False, maximum: int | None = None) -> 
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"must be {what}, not {text!r}") from None
-        if value < 0 or (value == 0 and not zero) or value != value:
+        if value < 0 or (value == 0 and not zero) or not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"must be {'0 or more' if zero else 'more than 0'}, not {text}")
         if maximum is not None and value > maximum:
             raise argparse.ArgumentTypeError(f"must be at most {maximum}, not {text}")

@@ -111,6 +111,6 @@ class ListenerLimits:
             self.name,
             peer,
             why,
-            f" ({count} refused in the last {_LOG_EVERY:.0f} s)" if count > 1 else "",
+            f" ({count} refused since the last report)" if count > 1 else "",
         )
         return None

@@ -346,3 +346,20 @@ def test_a_second_adopt_brings_its_own_frame_limit() -> None:
     assert session.send_limit == 1000
     session.adopt(PeerHello("site-1", {}, frozenset()))
     assert session.send_limit == session.max_frame_size
+
+
+def test_update_endpoint_takes_the_connection_out_of_max_handshakes(manager) -> None:
+    """Review finding: only a HELLO answered with READY left the handshake count, so 256
+    connections opened with update_endpoint filled a listener's max_handshakes for good."""
+    from sfm_core.limits import ListenerLimits
+
+    limits = ListenerLimits(max_connections=10, max_handshakes=1)
+    conn = FakeConn(inline=True)
+    conn.slot = limits.admit("peer")
+    conn.state = ConnState.CONNECTED
+    manager.state_change(conn)
+    [sfm_conn] = manager.sfm_conns.values()
+    assert limits.handshaking == 1
+    manager.update_endpoint(sfm_conn, {"endpoint_name": "site-1"})
+    assert (limits.connections, limits.handshaking) == (1, 0)
+    assert limits.admit("next") is not None

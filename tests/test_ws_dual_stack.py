@@ -74,3 +74,39 @@ def test_an_ipv6_only_address_still_listens() -> None:
     finally:
         client.stop()
         server.stop()
+
+
+@pytest.mark.parametrize("scheme", ["ws", "wss"])
+def test_a_host_without_ipv6_sockets_still_listens_on_ipv4(scheme: str, monkeypatch, tmp_path) -> None:
+    """As asyncio's create_server: a family whose socket() fails (a kernel with IPv6 off) is
+    skipped, not the whole listener (review finding)."""
+    real = socket.socket
+
+    class NoIPv6(real):  # type: ignore[misc, valid-type]
+        def __init__(self, family=socket.AF_INET, *args, **kwargs) -> None:
+            if family == socket.AF_INET6:
+                raise OSError(97, "Address family not supported by protocol")
+            super().__init__(family, *args, **kwargs)
+
+    params: dict = {}
+    client_params: dict = {}
+    if scheme == "wss":
+        from sfm_core.pki import make_pki
+
+        pki = make_pki(str(tmp_path), "server", "site-1")
+        params, client_params = dict(pki.server), dict(pki.client)
+    server = ConnManager(Endpoint("server"))
+    client = ConnManager(Endpoint("site-1"))
+    try:
+        monkeypatch.setattr(socket, "socket", NoIPv6)
+        handle = server.add_connector(f"{scheme}://0:0", params, Mode.PASSIVE)
+        server.start()
+        url = server.wait_listening(handle)
+        monkeypatch.setattr(socket, "socket", real)
+        client.add_connector(url, client_params, Mode.ACTIVE)
+        client.start()
+        wait_ready(server, "site-1", 10)
+    finally:
+        monkeypatch.setattr(socket, "socket", real)
+        client.stop()
+        server.stop()

@@ -134,7 +134,8 @@ class GrpcDriver(Driver):
     """gRPC, plaintext (``grpc://``) or TLS (``grpcs://``, or ``secure=true``). Params:
     ``host``, ``port``, ``max_frame_size``, ``send_timeout``, ``connect_timeout``,
     ``send_queue_bytes``, ``batch`` (offer the ``grpc-batch`` extension, default on),
-    ``batch_bytes``; listener: ``handshake_timeout``, ``idle_timeout``, ``max_streams``; TLS (``sfm_core.tls``):
+    ``batch_bytes``; listener: ``handshake_timeout``, ``idle_timeout``, ``max_streams``,
+    ``max_connections``, ``max_handshakes`` (:mod:`sfm_core.limits`); TLS (``sfm_core.tls``):
     ``ca_cert``, ``server_cert``, ``server_key``, ``client_cert``, ``client_key``,
     ``connection_security``, ``tls_handshake_timeout``; connector: ``ssl_target_name_override``.
     """

@@ -131,7 +131,8 @@ class TcpDriver(Driver):
     turns it off), ``max_frame_size``; for ``stcp://`` or ``secure=true`` the TLS params of
     :class:`sfm_core.tls.TlsSettings` (``ca_cert``, ``server_cert``/``server_key``,
     ``client_cert``/``client_key``, ``connection_security``, ``check_hostname``,
-    ``tls_handshake_timeout``).
+    ``tls_handshake_timeout``). A listener also takes ``max_connections`` and
+    ``max_handshakes`` (:mod:`sfm_core.limits`), counted from ``accept()``.
     """
 
     #: The driver contract this driver is written for (docs/plugins.md).

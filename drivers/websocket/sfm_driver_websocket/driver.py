@@ -60,7 +60,8 @@ class WebSocketDriver(Driver):
     (bytes queued per connection before ``send_frame`` blocks), and the TLS parameters of
     :class:`sfm_core.tls.TlsSettings` (``ca_cert``, ``server_cert``, ``server_key``,
     ``client_cert``, ``client_key``, ``connection_security``, ``check_hostname``,
-    ``tls_handshake_timeout``, ``secure``).
+    ``tls_handshake_timeout``, ``secure``). A listener also takes ``max_connections`` and
+    ``max_handshakes`` (:mod:`sfm_core.limits`), counted from ``accept()``.
     """
 
     #: The driver contract this driver is written for (docs/plugins.md).
@@ -408,7 +409,11 @@ def _bind_all(addrs: list[tuple], port: int, backlog: int) -> list[socket.socket
     socks: list[socket.socket] = []
     try:
         for family, type_, proto, addr in addrs:
-            sock = socket.socket(family, type_, proto)
+            try:
+                sock = socket.socket(family, type_, proto)
+            except OSError as e:  # as create_server: skip a family this host cannot open (no IPv6)
+                log.debug("websocket: no %s socket: %s", family, e)
+                continue
             socks.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
@@ -423,6 +428,8 @@ def _bind_all(addrs: list[tuple], port: int, backlog: int) -> list[socket.socket
         for sock in socks:
             sock.close()
         raise
+    if not socks:
+        raise OSError(f"no socket could be opened for {[a[3] for a in addrs]}")
     return socks
 
 

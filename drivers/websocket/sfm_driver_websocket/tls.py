@@ -139,7 +139,11 @@ class TlsServer:
                 if (family, addr) in seen:
                     continue
                 seen.add((family, addr))
-                sock = socket.socket(family, type_, proto)
+                try:
+                    sock = socket.socket(family, type_, proto)
+                except OSError as e:  # as create_server: skip a family this host cannot open (no IPv6)
+                    log.debug("%s listener: no %s socket: %s", self.scheme, family, e)
+                    continue
                 self.sockets.append(sock)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 if family == socket.AF_INET6:
@@ -149,6 +153,8 @@ class TlsServer:
                 sock.bind(addr)
                 sock.listen(backlog)
                 sock.setblocking(False)
+            if not self.sockets:
+                raise OSError(f"no socket could be opened for {host or '*'}:{port}")
         except OSError:
             for sock in self.sockets:
                 sock.close()
