@@ -37,6 +37,7 @@ import sys
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import importlib_metadata
 
@@ -218,14 +219,9 @@ class DriverRegistry:
         with self._lock:
             if self._claims is None:
                 claims: dict[str, list[DriverEntry]] = {}
-                for ep in importlib_metadata.entry_points(group=self.group):
-                    dist = getattr(ep, "dist", None)
+                for ep, name, version in _group_entry_points(self.group):
                     entry = DriverEntry(
-                        scheme=ep.name.lower(),
-                        distribution=dist.name if dist is not None else "<unknown>",
-                        version=dist.version if dist is not None else "",
-                        target=ep.value,
-                        _entry_point=ep,
+                        scheme=ep.name.lower(), distribution=name, version=version, target=ep.value, _entry_point=ep
                     )
                     same = claims.setdefault(entry.scheme, [])
                     # The same distribution can be visible twice (e.g. editable + site); keep one.
@@ -570,6 +566,25 @@ _HOW = {FAILED: "failed to load", INCOMPATIBLE: "is incompatible"}
 def _install(scheme: str) -> str:
     hint = OFFICIAL_PACKAGES.get(scheme)
     return f"; install {hint}" if hint else ""
+
+
+def _group_entry_points(group: str) -> list[tuple[Any, str, str]]:
+    """``(entry point, distribution name, version)`` for ``group``, package by package: one
+    installed package with broken metadata (no ``Name``, a malformed ``entry_points.txt``)
+    is logged and skipped, and never hides the drivers of the others."""
+    found = []
+    for dist in importlib_metadata.distributions():
+        try:
+            eps = [ep for ep in dist.entry_points if ep.group == group]
+            if not eps:
+                continue
+            name, version = dist.name, dist.version
+        except Exception as e:
+            where = getattr(dist, "_path", "?")
+            log.warning("skipping a package with broken metadata (%s): %s: %s", where, type(e).__name__, e)
+            continue
+        found += [(ep, name or "<unknown>", version or "") for ep in eps]
+    return found
 
 
 def _check_driver_class(obj: object, what: str) -> None:

@@ -167,6 +167,25 @@ def test_broken_abstract_and_incompatible_drivers_leave_the_others_working(dist)
     assert reg.create_driver("good").capabilities() == {"cls": "GoodDriver"}
 
 
+def test_a_package_with_broken_metadata_hides_no_driver(dist, tmp_path, caplog) -> None:
+    """Review finding: a package whose METADATA has no Name, or whose entry_points.txt is
+    malformed, made every lookup raise (KeyError, TypeError) for every scheme."""
+    dist("fake-good", {"good": "fake_good:GoodDriver"}, {"fake_good.py": good("GoodDriver", "good")})
+    nameless = tmp_path / "nameless-1.0.dist-info"
+    nameless.mkdir()
+    (nameless / "METADATA").write_text("Metadata-Version: 2.1\nVersion: 1.0\n")
+    (nameless / "entry_points.txt").write_text(f"[{GROUP}]\nnameless = nowhere:Driver\n")
+    garbled = tmp_path / "garbled-1.0.dist-info"
+    garbled.mkdir()
+    (garbled / "METADATA").write_text("Metadata-Version: 2.1\nName: garbled\nVersion: 1.0\n")
+    (garbled / "entry_points.txt").write_text("[console_scripts]\nno equals sign here\n")
+    with caplog.at_level(logging.WARNING, logger="sfm_core.registry"):
+        reg = DriverRegistry(GROUP)
+        assert "good" in reg.schemes()
+        assert reg.create_driver("good").capabilities() == {"cls": "GoodDriver"}
+    assert any("broken metadata" in r.getMessage() for r in caplog.records)
+
+
 # -- 4. duplicates: the warning, and names compared as packaging normalizes them ----------------
 
 
