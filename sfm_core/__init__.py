@@ -3,7 +3,7 @@
 from .conn_manager import ConnManager, NullConnection, SfmConnection, SfmEndpoint, SfmFrameReceiver
 from .driver import Connection, ConnectorInfo, ConnMonitor, ConnState, Driver, FrameReceiver, Mode
 from .endpoint import Endpoint, EndpointMonitor, EndpointState
-from .errors import CommError
+from .errors import CommError, HandshakeRefused
 from .frames import MAX_FRAME_SIZE, FrameDecoder, FrameType
 from .hookspecs import hookimpl
 from .message import Message, MessageReceiver
@@ -28,6 +28,7 @@ __all__ = [
     "FrameDecoder",
     "FrameReceiver",
     "FrameType",
+    "HandshakeRefused",
     "Message",
     "MessageReceiver",
     "Mode",

@@ -45,8 +45,9 @@ class Admission:
         # still goes out after READY.
         session = sfm_conn.session
         conn_props = sfm_conn.conn.get_conn_properties()
-        if not self._identity_ok(sfm_conn, peer, conn_props):
-            session.refuse(f"identity check failed for {peer.name!r}")
+        refused = self._refused(sfm_conn, peer, conn_props)
+        if refused is not None:
+            sfm_conn.refuse(session.refuse(refused))
             return
         with sfm_conn._send_lock:
             sfm_conn.conn.extensions = session.driver_extensions
@@ -66,8 +67,9 @@ class Admission:
     def register(self, sfm_conn: SfmConnection, peer: PeerHello) -> None:
         """Active side (READY arrived): record the peer, close what it replaced, tell monitors."""
         conn_props = sfm_conn.conn.get_conn_properties()
-        if not self._identity_ok(sfm_conn, peer, conn_props):
+        if self._refused(sfm_conn, peer, conn_props) is not None:
             sfm_conn.session.connection_lost("the server's identity check failed")
+            sfm_conn.close()
             return
         registration = self.table.register(sfm_conn, peer, conn_props)
         if registration is not None:
@@ -85,20 +87,21 @@ class Admission:
         self.register(sfm_conn, peer)
         _handshaken(sfm_conn)
 
-    def _identity_ok(self, sfm_conn: SfmConnection, peer: PeerHello, conn_props: dict) -> bool:
-        """On mutual TLS, the claimed name must resolve to the certificate's CN, and no connection
-        takes over an endpoint bound to another certificate. A refused peer is closed before it
-        is recorded or told anything (NVFlare checks after READY)."""
+    def _refused(self, sfm_conn: SfmConnection, peer: PeerHello, conn_props: dict) -> str | None:
+        """Why the peer is refused (logged), or None. On mutual TLS, the claimed name must
+        resolve to the certificate's CN, and no connection takes over an endpoint bound to
+        another certificate. A refused peer is closed before it is recorded or READY (NVFlare
+        checks after READY); an sfm peer is told why (``refusal``)."""
         reason = None
         if conn_props.get(IDENTITY_BINDING):
             reason = check_identity(peer.name, conn_props.get(PEER_CN), self.local_name, self.identity_map)
         if reason is None:
             reason = self._takeover(peer.name, conn_props)
-        if reason is None:
-            return True
-        log.warning("%s: refusing %s from %s: %s", self.local_name, sfm_conn.name, conn_props.get("peer_addr"), reason)
-        sfm_conn.close()
-        return False
+        if reason is not None:
+            log.warning(
+                "%s: refusing %s from %s: %s", self.local_name, sfm_conn.name, conn_props.get("peer_addr"), reason
+            )
+        return reason
 
     def _takeover(self, name: str, conn_props: dict) -> str | None:
         """Why this connection may not replace the endpoint's current one: that one is bound

@@ -25,7 +25,7 @@ from . import __version__
 from .conn_manager import ConnManager
 from .driver import Mode
 from .endpoint import Endpoint, EndpointMonitor, EndpointState
-from .errors import CommError
+from .errors import CommError, HandshakeRefused
 from .message import Message, MessageReceiver
 from .registry import get_registry
 from .tls import SECURE_SCHEMES as _SECURE
@@ -385,7 +385,7 @@ def _wait_ready(monitor: _ReadyMonitor, connector: Any, deadline: float) -> bool
     """Wait for the handshake until ``deadline``; ``CommError(BAD_CONFIG)`` at once if the
     connector finds its configuration bad (it would only retry the same mistake)."""
     while not monitor.event.wait(min(0.05, max(0.0, deadline - time.monotonic()))):
-        if _bad_config(connector.error):
+        if _bad_config(connector.error) or isinstance(connector.error, HandshakeRefused):
             raise connector.error
         if time.monotonic() >= deadline:
             return False
@@ -405,7 +405,12 @@ def cmd_ping(args: argparse.Namespace) -> int:
         deadline = time.monotonic() + args.timeout  # --timeout bounds the handshake and every echo together
         _progress(f"connecting to {args.url} ...")
         manager.start()
-        if not _wait_ready(monitor, connector, deadline):
+        try:
+            ready = _wait_ready(monitor, connector, deadline)
+        except HandshakeRefused as e:
+            _progress(f"sfm ping: {args.url}: {e.message}")
+            return 1
+        if not ready:
             why = f": {connector.error}" if connector.error else ""
             _progress(f"sfm ping: cannot reach {args.url} within {args.timeout} s{why}")
             return 1

@@ -23,7 +23,7 @@ from .delivery import Dispatcher
 from .driver import Connection, ConnectorInfo, ConnMonitor, ConnState, Driver, Mode
 from .endpoint import Endpoint, EndpointMonitor
 from .endpoint_table import EndpointTable, SfmEndpoint
-from .errors import CommError
+from .errors import CommError, HandshakeRefused
 from .frames import Frame, Payload
 from .handshake import validate_endpoint_name
 from .heartbeat import Heartbeat
@@ -31,7 +31,7 @@ from .loopback import LoopbackMessage, deliver_loopback
 from .message import Message, MessageReceiver
 from .plugins import broadcast
 from .registry import DriverRegistry, get_registry
-from .session import HelloReceived, Ignored, Liveness, ProtocolError, ReadyReceived, SendPong, Session
+from .session import HelloReceived, Ignored, Liveness, ProtocolError, ReadyReceived, Refused, SendPong, Session
 from .sfm_connection import NullConnection, SfmConnection, SfmFrameReceiver, linger_on
 
 __all__ = ["ConnManager", "NullConnection", "SfmConnection", "SfmEndpoint", "SfmFrameReceiver", "get_handle"]
@@ -265,6 +265,13 @@ class ConnManager(ConnMonitor):
         sfm_conn.close()
         self.close_connection(sfm_conn.conn)
 
+    def _close_now(self, sfm_conn: SfmConnection) -> None:
+        """Abandon a connection from its own delivery: frames still queued are dropped."""
+        owed = sfm_conn.lane.close() if sfm_conn.lane is not None else None
+        self._abandon(sfm_conn)
+        if owed is not None:
+            owed()  # the loss was reported before this frame: its notice is still owed
+
     def _abandon_soon(self, sfm_conn: SfmConnection) -> None:
         # From the heartbeat thread: monitors are told on a delivery thread, so a monitor that
         # blocks (or calls stop()) holds no session's timers.
@@ -320,10 +327,16 @@ class ConnManager(ConnMonitor):
             self._admission.register(sfm_conn, event.peer)
         elif kind is ProtocolError:
             log.warning("%s: closing %s: %s", self.local_endpoint.name, sfm_conn.name, event.reason)
-            owed = sfm_conn.lane.close() if sfm_conn.lane is not None else None
-            self._abandon(sfm_conn)
-            if owed is not None:
-                owed()  # the loss was reported before this frame: its notice is still owed
+            if event.frame is not None:
+                sfm_conn.refuse(event.frame)
+            self._close_now(sfm_conn)
+        elif kind is Refused:
+            peer_addr = sfm_conn.conn.get_conn_properties().get("peer_addr")
+            log.warning("%s: %s (at %s)", self.local_endpoint.name, event.reason, peer_addr)
+            connector = sfm_conn.conn.connector
+            if connector is not None:  # what `sfm ping` and other callers can show
+                connector.error = HandshakeRefused(event.reason)
+            self._close_now(sfm_conn)
         elif kind is Ignored:
             level = logging.DEBUG if event.quiet else logging.WARNING
             log.log(level, "%s: %s on %s", self.local_endpoint.name, event.reason, sfm_conn.name)

@@ -21,3 +21,11 @@ class CommError(Exception):
         self.code = code
         self.message = message
         super().__init__(f"Code: {code} Error: {message}" if message else f"Code: {code}")
+
+
+class HandshakeRefused(CommError):
+    """The listener refused our handshake and said why (the ``refusal`` extension between
+    sfm peers). Its code is ``ERROR``; ``message`` is the listener's reason."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(CommError.ERROR, message)

@@ -18,6 +18,10 @@ EXTENSIONS_KEY = "sfm_ext"
 FRAME_LIMIT_EXTENSION = "frame-limit"
 #: The handshake map key under which a side that offers ``frame-limit`` gives its limit.
 MAX_FRAME_SIZE_KEY = "sfm_max_frame_size"
+#: Our extension by which a listener tells a refused peer why, instead of only closing.
+REFUSAL_EXTENSION = "refusal"
+#: The key of a refusal READY: the reason, for the refused side's log and error.
+REFUSED_KEY = "sfm_refused"
 
 _NAME_PART = re.compile(r"[A-Za-z0-9_~\-]+")
 
@@ -68,6 +72,37 @@ def build_handshake(
         if FRAME_LIMIT_EXTENSION in ext and max_frame_size is not None:
             data[MAX_FRAME_SIZE_KEY] = max_frame_size
     return msgpack.packb(data)
+
+
+def build_refusal(name: str, reason: str) -> bytes:
+    """The payload of a refusal READY (``refusal`` extension): who refuses, and why. Sent
+    only to a peer whose HELLO offered the extension; it carries no timestamp, so the
+    session that builds it needs no clock."""
+    return msgpack.packb({ENDPOINT_NAME_KEY: name, REFUSED_KEY: reason})
+
+
+def _lenient_map(payload: Buffer | None) -> dict:
+    try:
+        data = msgpack.unpackb(payload) if payload is not None else None
+    except Exception:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def offered_extensions(payload: Buffer | None) -> frozenset[str]:
+    """The extensions a handshake payload lists, read leniently: a HELLO that is refused
+    for another reason (our own name, a bad name) still says whether it may be told why."""
+    ext = _lenient_map(payload).get(EXTENSIONS_KEY)
+    return frozenset(e for e in ext if isinstance(e, str)) if isinstance(ext, (list, tuple)) else frozenset()
+
+
+def refusal_reason(payload: Buffer | None) -> str | None:
+    """The reason in a refusal READY, or None for a READY that is not one. Read before the
+    map is checked as a handshake: a refusal may well be about the very name it carries."""
+    reason = _lenient_map(payload).get(REFUSED_KEY)
+    if reason is None:
+        return None
+    return str(reason)[:1000] or "no reason given"  # the peer's words, bounded for our log
 
 
 class PeerHello:

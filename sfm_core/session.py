@@ -18,7 +18,9 @@ States and transitions (``_RECEIVE`` is the whole table for received frames)::
                 CLOSED <--- a protocol error, a timeout (tick), connection_lost() ---+
 
 PING and PONG are accepted in every state but CLOSED; a frame type the protocol reserves
-(FRAG, ACK) or does not know is ignored, as the original does.
+(FRAG, ACK) or does not know is ignored, as the original does. A peer that offered the
+``refusal`` extension is told why it was refused (a refusal READY, from ``refuse()`` or in
+``ProtocolError.frame``); on the active side such a READY is a :class:`Refused` event.
 """
 
 from __future__ import annotations
@@ -33,12 +35,19 @@ from .errors import CommError
 from .frames import MAX_FRAME_SIZE, PREFIX, PREFIX_LEN, Frame, FrameType, Payload
 from .handshake import (
     FRAME_LIMIT_EXTENSION,
+    REFUSAL_EXTENSION,
     PeerHello,
     build_handshake,
+    build_refusal,
     decode_ping_payload,
     negotiate,
+    offered_extensions,
     parse_handshake,
+    refusal_reason,
 )
+
+#: The extensions the session itself offers (the transport may offer more).
+CORE_EXTENSIONS = frozenset({FRAME_LIMIT_EXTENSION, REFUSAL_EXTENSION})
 
 #: PING and PONG carry msgpack nil, as the original sends.
 HEARTBEAT_PAYLOAD = b"\xc0"
@@ -97,7 +106,20 @@ class PingDue:
 
 
 class ProtocolError:
-    """The peer broke the protocol; the session is CLOSED and the connection must close."""
+    """The peer broke the protocol; the session is CLOSED and the connection must close.
+
+    ``frame``, when set, is a refusal READY to send before closing: the peer offered the
+    ``refusal`` extension, so it may be told ``reason``."""
+
+    __slots__ = ("frame", "reason")
+
+    def __init__(self, reason: str, frame: bytes | None = None) -> None:
+        self.reason = reason
+        self.frame = frame
+
+
+class Refused:
+    """Active side: the listener refused our HELLO and said why (``refusal``); CLOSED."""
 
     __slots__ = ("reason",)
 
@@ -125,7 +147,7 @@ class Ignored:
         self.quiet = quiet
 
 
-Event = Union[Frame, HelloReceived, ReadyReceived, SendPong, PingDue, ProtocolError, Expired, Ignored]
+Event = Union[Frame, HelloReceived, ReadyReceived, SendPong, PingDue, ProtocolError, Refused, Expired, Ignored]
 
 
 class Liveness:
@@ -169,7 +191,7 @@ class Session:
         self.properties = dict(properties) if properties else {}
         self.active = active
         self.max_frame_size = max_frame_size
-        self.offered = frozenset(extensions) | {FRAME_LIMIT_EXTENSION}
+        self.offered = frozenset(extensions) | CORE_EXTENSIONS
         self.liveness = liveness or Liveness()
         self.state = State.AWAIT_READY if active else State.AWAIT_HELLO
         #: Set once the handshake is done: who the peer is, and the extensions both sides listed.
@@ -210,9 +232,16 @@ class Session:
         self.state = State.OPEN
         return self._handshake_frame(FrameType.READY, self.extensions, timestamp)
 
-    def refuse(self, reason: str) -> None:
-        """Passive side, after :class:`HelloReceived`: refuse the peer; the session is CLOSED."""
+    def refuse(self, reason: str) -> bytes | None:
+        """Passive side, after :class:`HelloReceived`: refuse the peer; the session is CLOSED.
+
+        Returns the refusal READY to send before closing if the peer offered ``refusal``
+        (an sfm peer), else None (a plain peer, NVFlare's, just sees the connection close)."""
         self._close(reason)
+        return self._refusal(reason) if REFUSAL_EXTENSION in self.extensions else None
+
+    def _refusal(self, reason: str) -> bytes:
+        return self._control_frame(FrameType.READY, build_refusal(self.local_name, reason), stream_id=1)
 
     def _handshake_frame(self, frame_type: int, extensions: frozenset[str], timestamp: float) -> bytes:
         payload = build_handshake(self.local_name, self.properties, extensions, timestamp, self.max_frame_size)
@@ -237,7 +266,7 @@ class Session:
     @property
     def driver_extensions(self) -> frozenset[str]:
         """The agreed extensions the transport offered (what ``Connection.extensions`` gets)."""
-        return self.extensions - {FRAME_LIMIT_EXTENSION}
+        return self.extensions - CORE_EXTENSIONS
 
     # -- receiving -------------------------------------------------------------------------
 
@@ -258,14 +287,27 @@ class Session:
             return self._error(e.message or str(e))
 
     def _on_hello(self, frame: Frame) -> Event:
-        self._open(parse_handshake(frame.payload, self.local_name))
+        try:
+            peer = parse_handshake(frame.payload, self.local_name)
+        except CommError as e:
+            reason = e.message or str(e)
+            told = REFUSAL_EXTENSION in offered_extensions(frame.payload) & self.offered
+            self._close(reason)
+            return ProtocolError(reason, self._refusal(reason) if told else None)
+        self._open(peer)
         self.state = State.ACCEPTING
-        return HelloReceived(self.peer)  # type: ignore[arg-type]
+        return HelloReceived(peer)
 
     def _on_ready(self, frame: Frame) -> Event:
-        self._open(parse_handshake(frame.payload, self.local_name))
+        refused = refusal_reason(frame.payload)
+        if refused is not None:
+            reason = f"the listener refused our handshake; its reason: {refused}"
+            self._close(reason)
+            return Refused(reason)
+        peer = parse_handshake(frame.payload, self.local_name)
+        self._open(peer)
         self.state = State.OPEN
-        return ReadyReceived(self.peer)  # type: ignore[arg-type]
+        return ReadyReceived(peer)
 
     def _on_data(self, frame: Frame) -> Event:
         return frame  # DATA while CLOSING: our side is closing, the peer's data still counts

@@ -144,6 +144,17 @@ class SfmConnection:
             log.exception("drain failed on %s", self.conn.name)
             return 0
 
+    def refuse(self, frame: bytes | None, wait: float = 1.0) -> None:
+        """Send a refusal READY (if the peer may be told why), give it up to ``wait`` s to
+        reach the transport, then close."""
+        if frame is not None:
+            try:
+                self.send(frame)
+                self.conn.drain(wait)
+            except Exception as e:  # the peer may be gone already; it is being closed anyway
+                log.debug("could not send the refusal on %s: %s", self.conn.name, e)
+        self.close()
+
     def close(self) -> None:
         """Close the transport now (what is queued in the driver may be dropped)."""
         self.closing = True

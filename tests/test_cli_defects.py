@@ -317,3 +317,15 @@ def test_drivers_in_strict_mode_exits_1_when_a_driver_fails_and_still_shows_the_
     assert strict.returncode == 1
     assert "broken on purpose" in strict.stdout  # the table
     assert "strict mode" in strict.stderr and "brokenx" in strict.stderr
+
+
+# -- a refused handshake reaches sfm ping with its reason ------------------------------------
+
+
+def test_ping_with_the_servers_own_name_prints_the_servers_reason() -> None:
+    """Before: "cannot reach ... within 5.0 s" while the server logged the reason 14 times."""
+    with serving([*SFM, "serve", "tcp://127.0.0.1:0", "--name", "server"]) as (proc, url):
+        out = run("ping", url, "--name", "server", "--timeout", str(scaled(30)))
+    assert out.returncode == 1
+    assert "refused our handshake; its reason: peer claims our own endpoint name 'server'" in out.stderr
+    assert "cannot reach" not in out.stderr

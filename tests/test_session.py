@@ -22,6 +22,7 @@ from sfm_core.errors import CommError
 from sfm_core.frames import MAX_FRAME_SIZE, PREFIX, PREFIX_LEN, Frame, FrameType, decode_frame, encode_frame
 from sfm_core.handshake import build_handshake
 from sfm_core.session import (
+    CORE_EXTENSIONS,
     HEARTBEAT_PAYLOAD,
     Expired,
     HelloReceived,
@@ -30,6 +31,7 @@ from sfm_core.session import (
     PingDue,
     ProtocolError,
     ReadyReceived,
+    Refused,
     SendPong,
     Session,
     State,
@@ -225,7 +227,7 @@ def test_handshake_step_by_step() -> None:
     event = client.receive(ready_frame)
     assert isinstance(event, ReadyReceived) and client.state is State.OPEN
     assert event.peer.name == "server" and event.peer.properties == {"role": "srv", "timestamp": TS}
-    assert client.extensions == server.extensions == {"frame-limit"}
+    assert client.extensions == server.extensions == {"frame-limit", "refusal"}
     assert client.driver_extensions == server.driver_extensions == frozenset()
 
 
@@ -241,14 +243,14 @@ def test_extensions_are_those_both_offered() -> None:
     """Each side lists what it offers; READY lists only the common ones; both end up agreeing."""
     pair = Pair(client_ext=("grpc-batch", "zip"), server_ext=("grpc-batch", "other"))
     hello_frame = pair.client.initiate(TS)
-    assert hs_map(hello_frame)["sfm_ext"] == ["frame-limit", "grpc-batch", "zip"]  # sorted, all offered
+    assert hs_map(hello_frame)["sfm_ext"] == ["frame-limit", "grpc-batch", "refusal", "zip"]  # sorted, all offered
     assert hs_map(hello_frame)["sfm_max_frame_size"] == MAX_FRAME_SIZE
     pair.put(pair.client, hello_frame)
     pair.deliver(pair.server)
     ready_frame = pair.wire[pair.client][0]
-    assert hs_map(ready_frame)["sfm_ext"] == ["frame-limit", "grpc-batch"]  # only the common ones
+    assert hs_map(ready_frame)["sfm_ext"] == ["frame-limit", "grpc-batch", "refusal"]  # only the common ones
     pair.flush()
-    assert pair.client.extensions == pair.server.extensions == {"frame-limit", "grpc-batch"}
+    assert pair.client.extensions == pair.server.extensions == {"frame-limit", "grpc-batch", "refusal"}
     assert pair.client.driver_extensions == pair.server.driver_extensions == {"grpc-batch"}
 
 
@@ -513,7 +515,7 @@ def test_data_frame_before_the_handshake_raises(state: str) -> None:
 def test_send_limit_is_the_peers_announced_smaller_limit() -> None:
     """With frame-limit agreed, a frame over the peer's smaller limit is refused before anything, naming both limits."""
     pair = Pair(server_max=1000).handshake()
-    assert pair.client.extensions == {"frame-limit"}
+    assert pair.client.extensions == {"frame-limit", "refusal"}
     assert pair.client.send_limit == 1000 and pair.server.send_limit == 1000
     assert seq(pair.client.data_frame(1, 17, None, b"x" * (1000 - 16))) == 2  # exactly the limit: fine
     with pytest.raises(CommError) as err:
@@ -886,7 +888,7 @@ class TwoSessions(RuleBasedStateMachine):
             client_max=client_max, server_max=server_max,
         ).handshake()  # fmt: skip
         self.last_round = 0.0
-        self.agreed = (client_ext | {"frame-limit"}) & (server_ext | {"frame-limit"})
+        self.agreed = (client_ext | CORE_EXTENSIONS) & (server_ext | CORE_EXTENSIONS)
         self.limit = min(client_max, server_max)
         self.expected = {self.pair.client: deque(), self.pair.server: deque()}  # messages on their way to a side
         self.stream_ids = {self.pair.client: itertools.count(17), self.pair.server: itertools.count(0xFFF0)}
@@ -1001,3 +1003,50 @@ class TwoSessions(RuleBasedStateMachine):
 
 TwoSessions.TestCase.settings = settings(max_examples=150, stateful_step_count=60)
 test_two_sessions = TwoSessions.TestCase
+
+
+# -- the refusal extension: a refused sfm peer is told why ------------------------------------
+
+
+def test_a_refused_sfm_peer_is_told_why_and_its_session_says_so() -> None:
+    """A HELLO offering ``refusal`` that the listener refuses (here: it claims the listener's
+    own name) gets a refusal READY; the client's session turns it into Refused, CLOSED."""
+    server = Session("server", None, active=False, now=0.0)
+    client = Session("server", None, active=True, now=0.0)  # the mistake: the server's own name
+    event = server.receive(client.initiate(TS))
+    assert isinstance(event, ProtocolError) and server.state is State.CLOSED
+    assert "our own endpoint name 'server'" in event.reason
+    assert event.frame is not None and hs_map(event.frame)["sfm_refused"] == event.reason
+    assert "timestamp" not in hs_map(event.frame)  # the session reads no clock
+    told = client.receive(event.frame)
+    assert isinstance(told, Refused) and client.state is State.CLOSED
+    assert told.reason == f"the listener refused our handshake; its reason: {event.reason}"
+    assert client.close_reason == told.reason
+
+
+def test_a_plain_peer_is_not_told_why() -> None:
+    """NVFlare offers no extensions: a refused HELLO of its gets no refusal READY, and the
+    listener's own refuse() after HelloReceived gives no frame either."""
+    server = Session("server", None, active=False, now=0.0)
+    event = server.receive(hello(name="server", ext=()))
+    assert isinstance(event, ProtocolError) and event.frame is None
+    server = Session("server", None, active=False, now=0.0)
+    assert isinstance(server.receive(hello(ext=())), HelloReceived)
+    assert server.refuse("identity check failed") is None and server.state is State.CLOSED
+
+
+def test_refuse_after_hello_gives_the_refusal_frame_to_an_sfm_peer() -> None:
+    server = Session("server", None, active=False, now=0.0)
+    assert isinstance(server.receive(hello(ext=("refusal",))), HelloReceived)
+    frame = server.refuse("certificate is for 'site-2'")
+    assert frame is not None and decode_frame(frame).type == FrameType.READY
+    assert hs_map(frame) == {"endpoint_name": "server", "sfm_refused": "certificate is for 'site-2'"}
+
+
+@given(st.binary(max_size=64))
+def test_a_garbled_hello_never_breaks_the_refusal_path(payload: bytes) -> None:
+    server = Session("server", None, active=False, now=0.0)
+    event = server.receive(raw(FrameType.HELLO, payload))
+    assert server.state in (State.ACCEPTING, State.CLOSED)
+    if isinstance(event, ProtocolError) and event.frame is not None:
+        assert isinstance(hs_map(event.frame)["sfm_refused"], str)
