@@ -28,8 +28,11 @@ class Admission:
         notify: Callable[[Endpoint], None],
         live_window: float,
         identity_map: Mapping[str, str] | None = None,
+        admit: Callable[[SfmConnection, str, dict], str | None] | None = None,
     ) -> None:
         self.table = table
+        #: The plugins' say (``sfm_admit_connection``): a reason to refuse, or None.
+        self.admit = admit
         #: Explicit endpoint name (or prefix) -> certificate identity, for identity binding.
         self.identity_map = dict(identity_map or {})
         self.local_name = local_name
@@ -90,13 +93,16 @@ class Admission:
     def _refused(self, sfm_conn: SfmConnection, peer: PeerHello, conn_props: dict) -> str | None:
         """Why the peer is refused (logged), or None. On mutual TLS, the claimed name must
         resolve to the certificate's CN, and no connection takes over an endpoint bound to
-        another certificate. A refused peer is closed before it is recorded or READY (NVFlare
-        checks after READY); an sfm peer is told why (``refusal``)."""
+        another certificate; then the plugins (``sfm_admit_connection``) have their say. A
+        refused peer is closed before it is recorded or READY (NVFlare checks after READY);
+        an sfm peer is told why (``refusal``)."""
         reason = None
         if conn_props.get(IDENTITY_BINDING):
             reason = check_identity(peer.name, conn_props.get(PEER_CN), self.local_name, self.identity_map)
         if reason is None:
             reason = self._takeover(peer.name, conn_props)
+        if reason is None and self.admit is not None:
+            reason = self.admit(sfm_conn.conn, peer.name, conn_props)
         if reason is not None:
             log.warning(
                 "%s: refusing %s from %s: %s", self.local_name, sfm_conn.name, conn_props.get("peer_addr"), reason

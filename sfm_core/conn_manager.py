@@ -29,7 +29,7 @@ from .handshake import validate_endpoint_name
 from .heartbeat import Heartbeat
 from .loopback import LoopbackMessage, deliver_loopback
 from .message import Message, MessageReceiver
-from .plugins import broadcast
+from .plugins import ask_admission, broadcast, wrap_frame_receiver
 from .registry import DriverRegistry, get_registry
 from .session import HelloReceived, Ignored, Liveness, ProtocolError, ReadyReceived, Refused, SendPong, Session
 from .sfm_connection import NullConnection, SfmConnection, SfmFrameReceiver, linger_on
@@ -100,7 +100,12 @@ class ConnManager(ConnMonitor):
         self._dispatcher = Dispatcher(delivery_workers)
         self._loopback_lane = self._dispatcher.lane(self._deliver_loopback, max_items=queue_frames)
         self._admission = Admission(
-            self.endpoints, local_endpoint.name, self.notify_monitors, self.heartbeat_check, identity_map
+            self.endpoints,
+            local_endpoint.name,
+            self.notify_monitors,
+            self.heartbeat_check,
+            identity_map,
+            lambda conn, name, props: ask_admission(self, conn, name, props),
         )
         self._heartbeat = Heartbeat(
             local_endpoint.name,
@@ -239,7 +244,7 @@ class ConnManager(ConnMonitor):
             )
         with self._lock:
             self.sfm_conns[connection.name] = sfm_conn
-        connection.register_frame_receiver(SfmFrameReceiver(self, sfm_conn))
+        connection.register_frame_receiver(wrap_frame_receiver(self, connection, SfmFrameReceiver(self, sfm_conn)))
         if mode == Mode.ACTIVE:
             try:
                 sfm_conn.send(session.initiate(time.time()))

@@ -16,6 +16,7 @@ log = logging.getLogger(__name__)
 
 _pm: pluggy.PluginManager | None = None
 _pm_lock = threading.Lock()
+_register_lock = threading.Lock()
 
 
 class _PluginManager(pluggy.PluginManager):
@@ -59,7 +60,9 @@ def register_module(module: types.ModuleType | None) -> None:
     if module is None:
         return
     pm = get_plugin_manager()
-    if not pm.is_registered(module):
+    with _register_lock:  # two registries loading one driver at once register it once
+        if pm.is_registered(module):
+            return
         try:
             pm.register(module)
         except Exception:  # a broken hookimpl must not stop the driver from working
@@ -91,3 +94,40 @@ def broadcast(hook_name: str, **kwargs: Any) -> None:
         hook(**kwargs)
     except Exception:
         log.exception("sfm plugin hook %s failed", hook_name)
+
+
+def ask_admission(manager: Any, connection: Any, endpoint_name: str, conn_props: dict) -> str | None:
+    """The first refusal of an ``sfm_admit_connection`` implementation, or None. An
+    implementation that raises refuses (a security check fails closed); it is logged."""
+    pm = _pm
+    if pm is None:
+        return None
+    for impl in reversed(pm.hook.sfm_admit_connection.get_hookimpls()):  # pluggy's call order
+        try:
+            reason = impl.function(
+                manager=manager, connection=connection, endpoint_name=endpoint_name, conn_props=conn_props
+            )
+        except Exception as e:
+            log.exception("sfm plugin %s: sfm_admit_connection failed; refusing the connection", impl.plugin_name)
+            return f"admission check of plugin {impl.plugin_name} failed ({type(e).__name__})"
+        if reason:
+            return f"{reason} (plugin {impl.plugin_name})"
+    return None
+
+
+def wrap_frame_receiver(manager: Any, connection: Any, receiver: Any) -> Any:
+    """``receiver``, wrapped by every ``sfm_wrap_frame_receiver`` implementation in turn
+    (asked once per connection; with none, ``receiver`` itself). A failing one is logged and
+    skipped: the connection keeps the receiver it had."""
+    pm = _pm
+    if pm is None:
+        return receiver
+    for impl in reversed(pm.hook.sfm_wrap_frame_receiver.get_hookimpls()):
+        try:
+            wrapped = impl.function(manager=manager, connection=connection, receiver=receiver)
+        except Exception:
+            log.exception("sfm plugin %s: sfm_wrap_frame_receiver failed", impl.plugin_name)
+            continue
+        if wrapped is not None:
+            receiver = wrapped
+    return receiver

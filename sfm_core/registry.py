@@ -43,7 +43,7 @@ import importlib_metadata
 
 from .driver import Driver
 from .errors import CommError
-from .plugins import broadcast, register_driver_modules
+from .plugins import broadcast, get_plugin_manager, register_driver_modules
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +205,7 @@ class DriverRegistry:
         self.group = group
         self._lock = threading.RLock()
         self._claims: dict[str, list[DriverEntry]] | None = None
+        self._plugin_entries: dict[tuple[str, str, int], DriverEntry] = {}
         self._in_process: dict[str, DriverEntry] = {}
         self._preferences: dict[str, str] = {}
         self._allow: set[str] | None = None if allow is None else _names(allow)
@@ -229,7 +230,35 @@ class DriverRegistry:
                     if not any(normalize_name(e.distribution) == key for e in same):
                         same.append(entry)
                 self._claims = claims
-            return self._claims
+            contributed = self._contributed()
+            if not contributed:
+                return self._claims
+            merged = {scheme: list(entries) for scheme, entries in self._claims.items()}
+            for entry in contributed:
+                merged.setdefault(entry.scheme, []).append(entry)
+            return merged
+
+    def _contributed(self) -> list[DriverEntry]:
+        """Claims of plugins implementing ``sfm_driver_classes``, asked each time (a plugin
+        may be registered at any moment); each plugin's claim keeps its entry, and its load
+        state, across calls. A plugin whose hook fails is logged and skipped."""
+        found: list[DriverEntry] = []
+        for impl in get_plugin_manager().hook.sfm_driver_classes.get_hookimpls():
+            label = f"plugin:{impl.plugin_name}"
+            try:
+                classes = list((impl.function() or {}).items())
+            except Exception as e:
+                log.warning("%s: sfm_driver_classes failed: %s: %s", label, type(e).__name__, e)
+                continue
+            for scheme, cls in classes:
+                key = (label, str(scheme).lower(), id(cls))
+                entry = self._plugin_entries.get(key)
+                if entry is None:
+                    target = f"{getattr(cls, '__module__', '?')}:{getattr(cls, '__qualname__', cls)}"
+                    entry = DriverEntry(str(scheme).lower(), label, "", target, _entry_point=_Contributed(cls))
+                    self._plugin_entries[key] = entry
+                found.append(entry)
+        return found
 
     def refresh(self) -> None:
         """Forget what was discovered (after installing a package at run time)."""
@@ -566,6 +595,18 @@ _HOW = {FAILED: "failed to load", INCOMPATIBLE: "is incompatible"}
 def _install(scheme: str) -> str:
     hint = OFFICIAL_PACKAGES.get(scheme)
     return f"; install {hint}" if hint else ""
+
+
+class _Contributed:
+    """Stands for the entry point of a driver class a plugin contributed (``sfm_driver_classes``)."""
+
+    module = None
+
+    def __init__(self, cls: Any) -> None:
+        self.cls = cls
+
+    def load(self) -> Any:
+        return self.cls
 
 
 def _group_entry_points(group: str) -> list[tuple[Any, str, str]]:
