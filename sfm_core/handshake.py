@@ -138,6 +138,8 @@ def peer_from_map(data: dict, local_name: str | None = None) -> PeerHello:
     """The peer described by a decoded handshake map (``data`` is not changed). Raises
     ``CommError(BAD_DATA)`` naming what is wrong: no or a bad ``endpoint_name`` (or
     ``local_name`` itself), a bad ``sfm_max_frame_size``."""
+    if not isinstance(data, dict):
+        raise CommError(CommError.BAD_DATA, f"handshake map must be a map, got {type(data).__name__}")
     data = dict(data)
     name = data.pop(ENDPOINT_NAME_KEY, None)
     if not isinstance(name, str) or not name:

@@ -293,12 +293,6 @@ class DriverRegistry:
         if not permitted:
             choice.rule = "every distribution that claims it is denied" if claims else "no distribution claims it"
             return choice
-        if len(permitted) == 1:
-            choice.entry = permitted[0]
-            choice.rule = (
-                "the only permitted distribution that claims it" if denied else "the only distribution that claims it"
-            )
-            return choice
         wanted, source = self._preferences.get(scheme), "DriverRegistry.prefer()"
         if not wanted:
             wanted, source = _env_preferences().get(scheme), PREFERENCE_ENV
@@ -318,6 +312,12 @@ class DriverRegistry:
                 choice.notes.append(
                     f"preferred distribution {wanted!r} ({source}) for scheme {scheme!r} is not installed"
                 )
+        if len(permitted) == 1:
+            choice.entry = permitted[0]
+            choice.rule = (
+                "the only permitted distribution that claims it" if denied else "the only distribution that claims it"
+            )
+            return choice
         official = OFFICIAL_PACKAGES.get(scheme)
         if official:
             for entry in permitted:
@@ -567,7 +567,7 @@ class DriverRegistry:
         try:
             obj = ep.load()  # type: ignore[attr-defined]
             _check_driver_class(obj, what)
-        except Exception as e:  # any failure in a third-party import is that driver's problem only
+        except (Exception, SystemExit) as e:  # a third-party import's failure, even sys.exit(), is its own
             self._failed(entry, FAILED, e.message if isinstance(e, CommError) else f"{type(e).__name__}: {e}")
             entry._error_code = e.code if isinstance(e, CommError) else CommError.NOT_SUPPORTED
             return

@@ -380,3 +380,22 @@ def test_explain_says_who_claims_a_scheme_and_why_one_was_chosen(dist) -> None:
     reg.register("dup", Mine)
     lines = reg.explain("dup")
     assert any(line.startswith("chosen: <in-process>") and "in-process" in line for line in lines), lines
+
+
+def test_a_preference_for_a_missing_distribution_is_warned_about_with_one_claim(dist, monkeypatch, caplog) -> None:
+    """Review finding: with one distribution claiming the scheme, SFM_DRIVERS naming another
+    (a typo, a fork never installed) was silently ignored."""
+    dist("fake-good", {"good": "fake_good:GoodDriver"}, {"fake_good.py": good("GoodDriver", "good")})
+    monkeypatch.setenv("SFM_DRIVERS", "good=my-fork")
+    reg = DriverRegistry(GROUP)
+    with caplog.at_level(logging.WARNING, logger="sfm_core.registry"):
+        assert reg.create_driver("good") is not None
+    assert any("'my-fork'" in r.getMessage() and "not installed" in r.getMessage() for r in caplog.records)
+
+
+def test_a_driver_that_calls_sys_exit_at_import_does_not_end_the_host(dist) -> None:
+    dist("fake-exits", {"exits": "fake_exits:Driver"}, {"fake_exits.py": "import sys\nsys.exit(3)\n"})
+    dist("fake-good", {"good": "fake_good:GoodDriver"}, {"fake_good.py": good("GoodDriver", "good")})
+    reg = DriverRegistry(GROUP)
+    status = {e.scheme: e.status for e in reg.load_all()}
+    assert status == {"exits": "failed", "good": "ok"}
