@@ -10,9 +10,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from .driver import ConnectorInfo, Driver, Mode
+from .driver_params import ParamError
+from .driver_params import check_params as param_check
 from .errors import CommError
-from .limits import ListenerLimits
-from .params import get_param
 from .tls import SECURE_SCHEMES
 from .url import parse_url
 
@@ -53,26 +53,53 @@ def resolve_driver(driver: Driver | str, params: dict | None, registry: DriverRe
     return driver, params
 
 
-def check_params(driver: Driver, params: dict, mode: Mode) -> None:
-    """What ``add_connector`` checks before a connector exists: ``secure`` only where the
-    driver has TLS, a listener's limits, then the driver's own :meth:`Driver.validate`."""
+def _param_errors(driver: Driver, params: dict, mode: Mode) -> tuple[dict, list[str]]:
+    """The params against the driver's declared ones and the core's, and ``secure`` only
+    where the driver has TLS: the typed values and every error."""
     scheme = params.get("scheme")
-    if get_param(params, "secure", bool, False, driver=scheme or "sfm") and not driver.capabilities().get("tls"):
-        raise CommError(
-            CommError.BAD_CONFIG,
+    name = f"{type(driver).__name__} ({scheme}://)" if scheme else type(driver).__name__
+    values, errors = param_check(driver.parameters(), params, mode, driver=name)
+    if values["secure"] and not driver.capabilities().get("tls"):
+        errors.insert(
+            0,
             f"secure=true on {scheme}://, but its driver {type(driver).__module__}.{type(driver).__name__} has no TLS",
         )
+    return values, errors
+
+
+def connector_errors(driver: Driver, params: dict, mode: Mode) -> list[str]:
+    """Every mistake in a connector's params, in words (empty: none), for ``sfm config check``:
+    what :func:`check_params` would refuse, all of it at once. The driver's own
+    :meth:`Driver.validate` (TLS files, checks across parameters) runs only once every
+    parameter is right, and adds its error."""
+    _, errors = _param_errors(driver, params, mode)
+    if errors:
+        return errors
+    try:
+        driver.validate(params, mode)
+    except CommError as e:
+        return list(getattr(e, "errors", None) or [e.message or str(e)])
+    return []
+
+
+def check_params(driver: Driver, params: dict, mode: Mode) -> None:
+    """What ``add_connector`` checks before a connector exists: every parameter (unknown
+    keys, types, ranges, modes; see :mod:`sfm_core.driver_params`), raised as one
+    :class:`~sfm_core.driver_params.ParamError` (``CommError(BAD_CONFIG)``) whose ``errors``
+    lists them all; then the driver's own :meth:`Driver.validate`."""
+    values, errors = _param_errors(driver, params, mode)
+    if errors:
+        raise ParamError(errors)
+    scheme = params.get("scheme")
     tls_given = sorted(
         k for k in ("ca_cert", "server_cert", "server_key", "client_cert", "client_key") if params.get(k)
     )
-    if tls_given and scheme not in SECURE_SCHEMES and not get_param(params, "secure", bool, False, driver="sfm"):
+    if tls_given and scheme not in SECURE_SCHEMES and not values["secure"]:
         log.warning(
             "%s:// connector given %s: ignored, the connection is plain (use the secure scheme or secure=true)",
             scheme,
             ", ".join(tls_given),
         )
-    if mode == Mode.PASSIVE:
-        ListenerLimits.from_params(params)  # a bad max_connections is the caller's mistake, now
     driver.validate(params, mode)
 
 

@@ -21,12 +21,15 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from enum import Enum
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from .errors import CommError
 from .frames import Payload
 from .limits import ListenerLimits, Slot
 from .url import format_url
+
+if TYPE_CHECKING:
+    from .driver_params import Param
 
 log = logging.getLogger(__name__)
 
@@ -258,6 +261,16 @@ class Driver(ABC):
     @abstractmethod
     def connect(self, connector: ConnectorInfo) -> None:
         """Open one connection and block until it ends. Raise ``CommError`` if it cannot connect."""
+
+    @classmethod
+    def parameters(cls) -> Sequence[Param] | None:
+        """The connector parameters this driver takes (:class:`sfm_core.driver_params.Param`),
+        besides the core's own (``sfm_core.driver_params.CORE_PARAMS``: URL parts,
+        ``max_frame_size``, TLS, a listener's limits). ``add_connector`` then refuses any
+        other key, a bad value, or a parameter given to the wrong mode, as
+        ``CommError(BAD_CONFIG)``. Optional; the default, None, checks only the core's
+        parameters and lets every other key through (drivers written before declarations)."""
+        return None
 
     def validate(self, params: dict, mode: Mode) -> None:
         """Check a connector's params before anything starts; raise ``CommError(BAD_CONFIG)``
