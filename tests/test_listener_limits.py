@@ -96,7 +96,12 @@ def managers():
 
 
 def _listener(make, pki, scheme: str, **limits: int) -> tuple[ConnManager, str, ListenerLimits]:
-    params: dict = {**limits, "tls_handshake_timeout": LONG, "open_timeout": LONG, "handshake_timeout": LONG}
+    # Each scheme gets only the parameters its driver declares: a listener refuses others.
+    params: dict = {**limits, "tls_handshake_timeout": LONG}
+    if scheme in ("ws", "wss", "http", "https"):
+        params["open_timeout"] = LONG
+    if scheme in ("grpc", "grpcs"):
+        params["handshake_timeout"] = LONG
     if scheme in SECURE:
         # Server-only TLS: the clients here need no certificates of their own.
         params.update(pki.server, connection_security="tls")

@@ -11,13 +11,12 @@ import socket
 import ssl
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from sfm_core import CommError, ConnectorInfo, Driver, Mode
-from sfm_core.frames import MAX_FRAME_SIZE, PREFIX_LEN
+from sfm_core.driver_params import ACTIVE, PASSIVE, Param, parse_params
+from sfm_core.frames import MAX_FRAME_SIZE
 from sfm_core.limits import Slot
-from sfm_core.params import get_param
 from sfm_core.tls import TlsSettings
 from sfm_core.url import bind_host, connect_host, listening_url
 
@@ -38,37 +37,23 @@ _ACCEPTS_PER_EVENT = 256
 _RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 
-@dataclass(frozen=True)
-class TcpParams:
-    """The connector params this driver reads, checked once, before any socket exists."""
+DRIVER_NAME = "tcp"
 
-    host: str | None
-    port: int | None
-    backlog: int
-    send_timeout: float
-    connect_timeout: float
-    io_threads: int
-    gather_us: float
-    max_frame_size: int
-    scheme: str
+#: This driver's own connector parameters (the core's, from ``host`` to the TLS files, are
+#: ``sfm_core.driver_params.CORE_PARAMS``); :meth:`TcpDriver.parameters`.
+PARAMS = (
+    Param("backlog", int, DEFAULT_BACKLOG, minimum=1, modes=(PASSIVE,), doc="listen backlog (capped by somaxconn)"),
+    Param("send_timeout", float, DEFAULT_SEND_TIMEOUT, minimum=0.001, doc="seconds a send may make no progress"),
+    Param("connect_timeout", float, DEFAULT_CONNECT_TIMEOUT, minimum=0.001, modes=(ACTIVE,), doc="seconds to connect"),
+    Param("io_threads", int, DEFAULT_IO_THREADS, minimum=1, modes=(PASSIVE,), doc="epoll pool threads of a listener"),
+    Param("gather_us", float, DEFAULT_GATHER * 1e6, minimum=0, doc="us a pool thread waits on a dry stream (0: off)"),
+)
 
-    @classmethod
-    def parse(cls, params: dict) -> TcpParams:
-        def get(key: str, kind: type, default: Any, low: float) -> Any:
-            return get_param(params, key, kind, default, driver="tcp", minimum=low)
 
-        port = params.get("port")
-        return cls(
-            host=params.get("host"),
-            port=get("port", int, 0, 0) if port is not None else None,
-            backlog=get("backlog", int, DEFAULT_BACKLOG, 1),
-            send_timeout=get("send_timeout", float, DEFAULT_SEND_TIMEOUT, 0.001),
-            connect_timeout=get("connect_timeout", float, DEFAULT_CONNECT_TIMEOUT, 0.001),
-            io_threads=get("io_threads", int, DEFAULT_IO_THREADS, 1),
-            gather_us=get("gather_us", float, DEFAULT_GATHER * 1e6, 0),
-            max_frame_size=min(get("max_frame_size", int, MAX_FRAME_SIZE, PREFIX_LEN), MAX_FRAME_SIZE),
-            scheme=str(params.get("scheme", "tcp")),
-        )
+def parse(params: dict, mode: Mode) -> dict[str, Any]:
+    """Every parameter of a connector, typed, defaults filled; ``CommError(BAD_CONFIG)`` listing
+    every mistake."""
+    return parse_params(PARAMS, params, mode, driver=DRIVER_NAME)
 
 
 class _Listener:
@@ -80,7 +65,7 @@ class _Listener:
         driver: TcpDriver,
         connector: ConnectorInfo,
         reactor: Reactor,
-        params: TcpParams,
+        params: dict[str, Any],
         tls: TlsSettings | None,
     ) -> None:
         self.sock = sock
@@ -125,14 +110,13 @@ class _Listener:
 
 
 class TcpDriver(Driver):
-    """TCP, and TCP over TLS. Params: ``host``, ``port``, ``backlog``, ``send_timeout``,
-    ``connect_timeout``, ``io_threads`` (listener pool size), ``gather_us`` (how long a pool
-    thread waits for more data on a streaming connection before handing it back to epoll; 0
-    turns it off), ``max_frame_size``; for ``stcp://`` or ``secure=true`` the TLS params of
-    :class:`sfm_core.tls.TlsSettings` (``ca_cert``, ``server_cert``/``server_key``,
-    ``client_cert``/``client_key``, ``connection_security``, ``check_hostname``,
-    ``tls_handshake_timeout``). A listener also takes ``max_connections`` and
-    ``max_handshakes`` (:mod:`sfm_core.limits`), counted from ``accept()``.
+    """TCP, and TCP over TLS. Params (:data:`PARAMS`, :meth:`parameters`): ``backlog``,
+    ``send_timeout``, ``connect_timeout`` (active), ``io_threads`` (listener pool size),
+    ``gather_us`` (how long a pool thread waits for more data on a streaming connection before
+    handing it back to epoll; 0 turns it off); and the core's (``host``, ``port``,
+    ``max_frame_size``; for ``stcp://`` or ``secure=true`` the TLS params of
+    :class:`sfm_core.tls.TlsSettings`; a listener's ``max_connections`` and ``max_handshakes``,
+    :mod:`sfm_core.limits`, counted from ``accept()``).
     """
 
     #: The driver contract this driver is written for (docs/plugins.md).
@@ -154,10 +138,14 @@ class TcpDriver(Driver):
     def capabilities() -> dict[str, Any]:
         return {"max_frame_size": MAX_FRAME_SIZE, "tls": True, "io": "epoll, leader/followers pool"}
 
+    @classmethod
+    def parameters(cls) -> tuple[Param, ...]:
+        return PARAMS
+
     def validate(self, params: dict, mode: Mode) -> None:
         """Check the params (and the TLS files) before the connector starts."""
-        TcpParams.parse(params)
-        TlsSettings.from_params(params, server=Mode(mode) == Mode.PASSIVE, driver="tcp")
+        parse(params, mode)
+        TlsSettings.from_params(params, server=Mode(mode) == Mode.PASSIVE, driver=DRIVER_NAME)
 
     def reload_tls(self) -> None:
         """Read every connector's TLS files again: new connections use them, live ones go on.
@@ -179,7 +167,7 @@ class TcpDriver(Driver):
             tls = self._tls.get(connector.handle)
         if tls is not None:
             return tls
-        tls = TlsSettings.from_params(connector.params, server=connector.mode == Mode.PASSIVE, driver="tcp")
+        tls = TlsSettings.from_params(connector.params, server=connector.mode == Mode.PASSIVE, driver=DRIVER_NAME)
         if tls is not None:
             with self._lock:
                 tls = self._tls.setdefault(connector.handle, tls)
@@ -211,7 +199,7 @@ class TcpDriver(Driver):
         sock: socket.socket,
         connector: ConnectorInfo,
         reactor: Reactor,
-        params: TcpParams,
+        params: dict[str, Any],
         tls: TlsSettings | None = None,
         slot: Slot | None = None,
     ) -> None:
@@ -225,8 +213,8 @@ class TcpDriver(Driver):
                     connector,
                     reactor,
                     self,
-                    max_frame_size=params.max_frame_size,
-                    send_timeout=params.send_timeout,
+                    max_frame_size=params["max_frame_size"],
+                    send_timeout=params["send_timeout"],
                     tls=tls,
                     timer=timer,
                 )
@@ -236,8 +224,8 @@ class TcpDriver(Driver):
                     connector,
                     reactor,
                     self,
-                    max_frame_size=params.max_frame_size,
-                    send_timeout=params.send_timeout,
+                    max_frame_size=params["max_frame_size"],
+                    send_timeout=params["send_timeout"],
                 )
         except (OSError, ssl.SSLError) as e:  # the peer may already be gone
             log.info("tcp: dropping a new connection: %s", e)
@@ -266,18 +254,18 @@ class TcpDriver(Driver):
         reactor.add(conn)
 
     def listen(self, connector: ConnectorInfo) -> None:
-        params = TcpParams.parse(connector.params)
+        params = parse(connector.params, connector.mode)
         tls = self._tls_for(connector)
-        host = bind_host(params.host)
-        port = params.port or 0
+        host = bind_host(params["host"])
+        port = params["port"] or 0
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((host, port))
-            sock.listen(params.backlog)
+            sock.listen(params["backlog"])
             sock.setblocking(False)
-            reactor = self._new_reactor(params.io_threads, params.gather_us / 1e6)
+            reactor = self._new_reactor(params["io_threads"], params["gather_us"] / 1e6)
         except OSError as e:
             sock.close()
             raise CommError(CommError.ERROR, f"tcp: cannot listen on {host or '*'}:{port}: {e}") from None
@@ -292,23 +280,23 @@ class TcpDriver(Driver):
             raise
         try:
             actual = sock.getsockname()
-            scheme = "stcp" if tls is not None else params.scheme
-            connector.listening(listening_url(scheme, params.host, actual[1]))
+            scheme = "stcp" if tls is not None else params["scheme"] or "tcp"
+            connector.listening(listening_url(scheme, params["host"], actual[1]))
             if tls is not None:
                 log.info("tcp: listening on %s (TLS, connection_security=%s)", _fmt(actual), tls.security)
             else:
                 log.info("tcp: listening on %s", _fmt(actual))
-            reactor.serve(threads=params.io_threads)
+            reactor.serve(threads=params["io_threads"])
         finally:
             self._forget_reactor(reactor)
 
     def connect(self, connector: ConnectorInfo) -> None:
-        params = TcpParams.parse(connector.params)
-        if params.port is None:
+        params = parse(connector.params, connector.mode)
+        if params["port"] is None:
             raise CommError(CommError.BAD_CONFIG, f"tcp: no port to connect to in {connector.params.get('url')}")
         tls = self._tls_for(connector)
-        host = connect_host(params.host)
-        sock = self._open(host, params.port, params.connect_timeout)
+        host = connect_host(params["host"])
+        sock = self._open(host, params["port"], params["connect_timeout"])
         try:
             reactor = self._new_reactor()
         except BaseException:
@@ -328,7 +316,7 @@ class TcpDriver(Driver):
         sock: socket.socket,
         connector: ConnectorInfo,
         reactor: Reactor,
-        params: TcpParams,
+        params: dict[str, Any],
         tls: TlsSettings,
         host: str,
     ) -> None:
@@ -341,19 +329,19 @@ class TcpDriver(Driver):
                 connector,
                 reactor,
                 self,
-                max_frame_size=params.max_frame_size,
-                send_timeout=params.send_timeout,
+                max_frame_size=params["max_frame_size"],
+                send_timeout=params["send_timeout"],
                 tls=tls,
                 server_hostname=host,
             )
             conn.handshake_blocking(lambda: self._stopping)
         except HandshakeFailed as e:
             sock.close()
-            log.warning("tcp: TLS to %s:%s failed: %s", host, params.port, e)
-            raise CommError(CommError.CLOSED, f"tcp: TLS to {host}:{params.port}: {e}") from None
+            log.warning("tcp: TLS to %s:%s failed: %s", host, params["port"], e)
+            raise CommError(CommError.CLOSED, f"tcp: TLS to {host}:{params['port']}: {e}") from None
         except (OSError, ssl.SSLError) as e:
             sock.close()
-            raise CommError(CommError.CLOSED, f"tcp: TLS to {host}:{params.port}: {e}") from None
+            raise CommError(CommError.CLOSED, f"tcp: TLS to {host}:{params['port']}: {e}") from None
         except BaseException:
             sock.close()
             raise
