@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import errno
-import functools
 import logging
 import socket
 import ssl
@@ -26,8 +25,8 @@ from websockets.uri import parse_uri
 import sfm_core
 from sfm_core import CommError, ConnectorInfo, Driver, Mode
 from sfm_core.aio import LoopThread, acquire_loop, release_loop
+from sfm_core.driver_params import ACTIVE, PASSIVE, Param, parse_params
 from sfm_core.frames import MAX_FRAME_SIZE
-from sfm_core.params import get_param
 from sfm_core.tls import TlsSettings
 from sfm_core.url import bind_host, connect_address, listening_url
 
@@ -48,20 +47,41 @@ DEFAULT_HIGH_WATER = 4 * 1024 * 1024
 #: What create_connection raises when TCP connected and the TLS handshake failed.
 _TLS_STAGE_ERRORS = (ssl.SSLError, ConnectionResetError, ConnectionAbortedError, BrokenPipeError)
 DRIVER_NAME = "websocket driver"
-_param = functools.partial(get_param, driver=DRIVER_NAME)
+
+#: This driver's own connector parameters (``host``, ``port``, ``max_frame_size``, TLS and a
+#: listener's limits are the core's: ``sfm_core.driver_params.CORE_PARAMS``).
+PARAMS = (
+    Param("path", str, DEFAULT_PATH, doc="the HTTP path of the upgrade"),
+    Param("backlog", int, DEFAULT_BACKLOG, minimum=1, modes=(PASSIVE,), doc="listen backlog (capped by somaxconn)"),
+    Param("send_timeout", float, DEFAULT_SEND_TIMEOUT, minimum=0.001, doc="seconds a send may make no progress"),
+    Param(
+        "connect_timeout",
+        float,
+        DEFAULT_CONNECT_TIMEOUT,
+        minimum=0.001,
+        modes=(ACTIVE,),
+        doc="seconds for the TCP connect, TLS and the upgrade together",
+    ),
+    Param("open_timeout", float, DEFAULT_OPEN_TIMEOUT, minimum=0.001, doc="seconds the HTTP upgrade may take"),
+    Param("close_timeout", float, DEFAULT_CLOSE_TIMEOUT, minimum=0, doc="seconds to wait for the peer's close"),
+    Param("high_water", int, DEFAULT_HIGH_WATER, minimum=0, doc="bytes queued before send_frame blocks"),
+)
+#: The keyword arguments of a WebSocketConnection, taken from the parsed parameters.
+_OPTIONS = ("path", "max_frame_size", "send_timeout", "open_timeout", "close_timeout", "high_water")
 
 
 class WebSocketDriver(Driver):
     """WebSocket (RFC 6455), one SFM frame per binary message, no compression.
 
-    Params (URL query or dict): ``host``, ``port``, ``path`` (default ``/f3``), ``max_frame_size``
-    (the largest message accepted; set on both sides), ``backlog``, ``send_timeout``,
-    ``connect_timeout``, ``open_timeout`` (HTTP upgrade), ``close_timeout``, ``high_water``
-    (bytes queued per connection before ``send_frame`` blocks), and the TLS parameters of
-    :class:`sfm_core.tls.TlsSettings` (``ca_cert``, ``server_cert``, ``server_key``,
-    ``client_cert``, ``client_key``, ``connection_security``, ``check_hostname``,
-    ``tls_handshake_timeout``, ``secure``). A listener also takes ``max_connections`` and
-    ``max_handshakes`` (:mod:`sfm_core.limits`), counted from ``accept()``.
+    Params (URL query or dict; :data:`PARAMS`, :meth:`parameters`): ``path`` (default ``/f3``),
+    ``backlog``, ``send_timeout``, ``connect_timeout``, ``open_timeout`` (HTTP upgrade),
+    ``close_timeout``, ``high_water`` (bytes queued per connection before ``send_frame``
+    blocks); and the core's: ``host``, ``port``, ``max_frame_size`` (the largest message
+    accepted; set on both sides), the TLS parameters of :class:`sfm_core.tls.TlsSettings`
+    (``ca_cert``, ``server_cert``, ``server_key``, ``client_cert``, ``client_key``,
+    ``connection_security``, ``check_hostname``, ``tls_handshake_timeout``, ``secure``), and a
+    listener's ``max_connections`` and ``max_handshakes`` (:mod:`sfm_core.limits`), counted
+    from ``accept()``.
     """
 
     #: The driver contract this driver is written for (docs/plugins.md).
@@ -110,27 +130,17 @@ class WebSocketDriver(Driver):
                 self._loop_thread = None
         release_loop()
 
-    def _options(self, params: dict) -> dict:
-        return {
-            "path": str(params.get("path") or DEFAULT_PATH),
-            "max_frame_size": _param(params, "max_frame_size", int, MAX_FRAME_SIZE),
-            "send_timeout": _param(params, "send_timeout", float, DEFAULT_SEND_TIMEOUT),
-            "open_timeout": _param(params, "open_timeout", float, DEFAULT_OPEN_TIMEOUT),
-            "close_timeout": _param(params, "close_timeout", float, DEFAULT_CLOSE_TIMEOUT),
-            "high_water": _param(params, "high_water", int, DEFAULT_HIGH_WATER),
-        }
-
     # -- checks and TLS ------------------------------------------------------------------
+
+    @classmethod
+    def parameters(cls) -> tuple[Param, ...]:
+        return PARAMS
 
     def validate(self, params: dict, mode: Mode) -> None:
         """Parse every parameter (and read the TLS files) now, so add_connector reports mistakes."""
-        self._options(params)
-        if mode == Mode.PASSIVE:
-            _param(params, "port", int, 0, minimum=0)
-            _param(params, "backlog", int, DEFAULT_BACKLOG, minimum=1)
-        else:
+        parse_params(PARAMS, params, mode, driver=DRIVER_NAME)
+        if mode != Mode.PASSIVE:
             connect_address(params, "websocket")
-            _param(params, "connect_timeout", float, DEFAULT_CONNECT_TIMEOUT, minimum=0.001)
         TlsSettings.from_params(params, server=mode == Mode.PASSIVE, driver=DRIVER_NAME)
 
     def _tls_for(self, connector: ConnectorInfo) -> TlsSettings | None:
@@ -155,13 +165,13 @@ class WebSocketDriver(Driver):
     # -- passive -------------------------------------------------------------------------
 
     def listen(self, connector: ConnectorInfo) -> None:
-        params = connector.params
-        host = bind_host(params.get("host"))
-        port = _param(params, "port", int, 0)
-        backlog = _param(params, "backlog", int, DEFAULT_BACKLOG)
-        opts = self._options(params)
+        params = parse_params(PARAMS, connector.params, connector.mode, driver=DRIVER_NAME)
+        host = bind_host(params["host"])
+        port = params["port"] or 0
+        backlog = params["backlog"]
+        opts = {k: params[k] for k in _OPTIONS}
         tls = self._tls_for(connector)
-        scheme = str(params.get("scheme") or "ws")
+        scheme = params["scheme"] or "ws"
         if tls is not None:
             scheme = secure_scheme(scheme)  # also for secure=true on ws:// or http://
         lt = self._acquire()
@@ -185,7 +195,7 @@ class WebSocketDriver(Driver):
                 self._servers.append(server)
             try:
                 actual = server.sockets[0].getsockname()
-                connector.listening(listening_url(scheme, params.get("host"), actual[1]))
+                connector.listening(listening_url(scheme, params["host"], actual[1]))
                 log.info(
                     "websocket: listening on %s%s%s",
                     fmt_addr(actual),
@@ -222,10 +232,10 @@ class WebSocketDriver(Driver):
     # -- active --------------------------------------------------------------------------
 
     def connect(self, connector: ConnectorInfo) -> None:
-        params = connector.params
-        host, port = connect_address(params, "websocket")
-        timeout = _param(params, "connect_timeout", float, DEFAULT_CONNECT_TIMEOUT)
-        opts = self._options(params)
+        params = parse_params(PARAMS, connector.params, connector.mode, driver=DRIVER_NAME)
+        host, port = connect_address(connector.params, "websocket")
+        timeout = params["connect_timeout"]
+        opts = {k: params[k] for k in _OPTIONS}
         if self._stopping.is_set():
             raise CommError(CommError.CLOSED, "websocket driver is shut down")
         tls = self._tls_for(connector)
