@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import functools
 import ipaddress
 import logging
 import threading
@@ -20,9 +19,8 @@ import grpc
 import sfm_core
 from sfm_core import CommError, ConnectorInfo, Driver, Mode
 from sfm_core.aio import LoopThread, acquire_loop, release_loop
+from sfm_core.driver_params import ACTIVE, PASSIVE, Param, parse_params
 from sfm_core.frames import MAX_FRAME_SIZE
-from sfm_core.limits import ListenerLimits
-from sfm_core.params import get_param
 from sfm_core.tls import TlsSettings
 from sfm_core.url import bind_host, connect_address, listening_url
 
@@ -52,8 +50,8 @@ BATCH_MAX = 256 * 1024
 DEFAULT_BATCH_BYTES = BATCH_MAX
 _GRPC_INT_MAX = 2**31 - 1
 
-
-_param = functools.partial(get_param, driver=DRIVER_NAME)
+#: The most seconds gRPC takes in a millisecond option (a C int).
+_GRPC_SECONDS_MAX = _GRPC_INT_MAX / 1000
 
 
 def _options(max_frame_size: int, batch: bool) -> list[tuple[str, Any]]:
@@ -75,36 +73,79 @@ def _options(max_frame_size: int, batch: bool) -> list[tuple[str, Any]]:
 #: Streams one client connection may have open at once on a listener (``max_streams``).
 DEFAULT_MAX_STREAMS = 4
 
+#: This driver's own connector parameters (``host``, ``port``, ``max_frame_size``, TLS and a
+#: listener's limits are the core's: ``sfm_core.driver_params.CORE_PARAMS``).
+PARAMS = (
+    Param("send_timeout", float, DEFAULT_SEND_TIMEOUT, minimum=0.001, doc="seconds a send may make no progress"),
+    Param(
+        "connect_timeout",
+        float,
+        DEFAULT_CONNECT_TIMEOUT,
+        minimum=0.001,
+        modes=(ACTIVE,),
+        doc="seconds until the channel is READY",
+    ),
+    Param("send_queue_bytes", int, DEFAULT_SEND_QUEUE_BYTES, minimum=0, doc="bytes queued before send_frame blocks"),
+    Param("batch", bool, True, doc="offer the grpc-batch extension"),
+    Param("batch_bytes", int, DEFAULT_BATCH_BYTES, minimum=0, maximum=BATCH_MAX, doc="most bytes in one batch"),
+    Param(
+        "handshake_timeout",
+        float,
+        None,  # tls_handshake_timeout on grpcs, DEFAULT_HANDSHAKE_TIMEOUT on grpc
+        minimum=0.001,
+        maximum=_GRPC_SECONDS_MAX,
+        modes=(PASSIVE,),
+        doc="seconds a connection may take to finish its setup",
+    ),
+    Param(
+        "idle_timeout",
+        float,
+        DEFAULT_IDLE_TIMEOUT,
+        minimum=0,
+        maximum=_GRPC_SECONDS_MAX,
+        modes=(PASSIVE,),
+        doc="seconds a connection may have no stream open (0: never)",
+    ),
+    Param(
+        "max_streams",
+        int,
+        DEFAULT_MAX_STREAMS,
+        minimum=1,
+        maximum=_GRPC_INT_MAX,
+        modes=(PASSIVE,),
+        doc="streams one client connection may have open at once",
+    ),
+    Param(
+        "ssl_target_name_override",
+        str,
+        None,
+        modes=(ACTIVE,),
+        doc="grpcs: the name the server certificate must have instead of the host dialled",
+    ),
+)
+
+
+def _parse(params: dict, mode: Mode) -> dict[str, Any]:
+    return parse_params(PARAMS, params, mode, driver=DRIVER_NAME)
+
 
 def _server_options(params: dict, tls: TlsSettings | None) -> list[tuple[str, Any]]:
-    """Bounds on connections that never become a stream (hostile or broken peers)."""
-    default = tls.handshake_timeout if tls is not None else DEFAULT_HANDSHAKE_TIMEOUT
-    handshake = _param(params, "handshake_timeout", float, default, minimum=0.001)
-    idle = _param(params, "idle_timeout", float, DEFAULT_IDLE_TIMEOUT, minimum=0)
+    """Bounds on connections that never become a stream (hostile or broken peers), from a
+    listener's parsed parameters."""
+    handshake = params["handshake_timeout"]
+    if handshake is None:
+        handshake = tls.handshake_timeout if tls is not None else DEFAULT_HANDSHAKE_TIMEOUT
     options = [("grpc.server_handshake_timeout_ms", min(_GRPC_INT_MAX, max(1, int(handshake * 1000))))]
     # gRPC core counts HTTP/2 connections from accept(), before TLS: the listener's
     # max_connections holds for the sockets, and the core's slots (one per stream) inside them.
-    limits = ListenerLimits.from_params(params)
-    options.append(("grpc.max_allowed_incoming_connections", limits.max_connections))
+    options.append(("grpc.max_allowed_incoming_connections", params["max_connections"]))
     # An sfm connection is one stream (NVFlare's too). gRPC core buffers a whole message,
     # up to max_frame_size, before the driver sees it, and sets no stream limit of its own:
     # this bounds what one connection can make the listener hold before its handshake.
-    streams = _param(params, "max_streams", int, DEFAULT_MAX_STREAMS, minimum=1)
-    options.append(("grpc.max_concurrent_streams", streams))
-    if idle > 0:  # 0: never (gRPC's default)
-        options.append(("grpc.max_connection_idle_ms", min(_GRPC_INT_MAX, max(1, int(idle * 1000)))))
+    options.append(("grpc.max_concurrent_streams", params["max_streams"]))
+    if params["idle_timeout"] > 0:  # 0: never (gRPC's default)
+        options.append(("grpc.max_connection_idle_ms", max(1, int(params["idle_timeout"] * 1000))))
     return options
-
-
-def _target_name_override(params: dict) -> str | None:
-    value = params.get("ssl_target_name_override")
-    if value is None or value == "":
-        return None
-    if not isinstance(value, str):
-        raise CommError(
-            CommError.BAD_CONFIG, f"{DRIVER_NAME}: parameter ssl_target_name_override={value!r} is not a str"
-        )
-    return value
 
 
 def _grpc_style(target: str) -> str:
@@ -118,26 +159,29 @@ def _grpc_style(target: str) -> str:
 
 
 def _conn_kwargs(params: dict) -> dict:
-    max_frame_size = _param(params, "max_frame_size", int, MAX_FRAME_SIZE)
-    if not 16 <= max_frame_size <= MAX_FRAME_SIZE:
-        raise CommError(CommError.BAD_CONFIG, f"grpc driver: max_frame_size must be 16..{MAX_FRAME_SIZE}")
+    """The GrpcConnection keyword arguments of parsed parameters."""
+    max_frame_size = params["max_frame_size"]
     return {
         "max_frame_size": max_frame_size,
-        "send_timeout": _param(params, "send_timeout", float, DEFAULT_SEND_TIMEOUT),
-        "send_queue_bytes": _param(params, "send_queue_bytes", int, DEFAULT_SEND_QUEUE_BYTES),
-        "batch": _param(params, "batch", bool, True),
-        "batch_bytes": min(max_frame_size, BATCH_MAX, _param(params, "batch_bytes", int, DEFAULT_BATCH_BYTES)),
+        "send_timeout": params["send_timeout"],
+        "send_queue_bytes": params["send_queue_bytes"],
+        "batch": params["batch"],
+        # A batch is one message: never more than the frame limit (a smaller max_frame_size
+        # makes the default smaller; a batch_bytes given above it is refused by validate()).
+        "batch_bytes": min(max_frame_size, params["batch_bytes"]),
     }
 
 
 class GrpcDriver(Driver):
-    """gRPC, plaintext (``grpc://``) or TLS (``grpcs://``, or ``secure=true``). Params:
-    ``host``, ``port``, ``max_frame_size``, ``send_timeout``, ``connect_timeout``,
+    """gRPC, plaintext (``grpc://``) or TLS (``grpcs://``, or ``secure=true``). Params
+    (:data:`PARAMS`, :meth:`parameters`): ``send_timeout``, ``connect_timeout`` (active),
     ``send_queue_bytes``, ``batch`` (offer the ``grpc-batch`` extension, default on),
-    ``batch_bytes``; listener: ``handshake_timeout``, ``idle_timeout``, ``max_streams``,
-    ``max_connections``, ``max_handshakes`` (:mod:`sfm_core.limits`); TLS (``sfm_core.tls``):
-    ``ca_cert``, ``server_cert``, ``server_key``, ``client_cert``, ``client_key``,
-    ``connection_security``, ``tls_handshake_timeout``; connector: ``ssl_target_name_override``.
+    ``batch_bytes``; listener: ``handshake_timeout``, ``idle_timeout``, ``max_streams``;
+    connector: ``ssl_target_name_override``; and the core's: ``host``, ``port``,
+    ``max_frame_size``, a listener's ``max_connections`` and ``max_handshakes``
+    (:mod:`sfm_core.limits`), TLS (``sfm_core.tls``): ``ca_cert``, ``server_cert``,
+    ``server_key``, ``client_cert``, ``client_key``, ``connection_security``,
+    ``tls_handshake_timeout``.
     """
 
     #: The driver contract this driver is written for (docs/plugins.md).
@@ -168,17 +212,22 @@ class GrpcDriver(Driver):
 
     # -- checks and TLS --------------------------------------------------------------------------
 
+    @classmethod
+    def parameters(cls) -> tuple[Param, ...]:
+        return PARAMS
+
     def validate(self, params: dict, mode: Mode) -> None:
         """Parse every parameter and read the TLS files now, so add_connector reports mistakes."""
-        _conn_kwargs(params)
+        parsed = _parse(params, mode)
+        if params.get("batch_bytes") is not None and parsed["batch_bytes"] > parsed["max_frame_size"]:
+            raise CommError(
+                CommError.BAD_CONFIG,
+                f"{DRIVER_NAME}: parameter batch_bytes={params['batch_bytes']!r} is out of range; expected an int "
+                f"<= max_frame_size ({parsed['max_frame_size']})",
+            )
         tls = TlsSettings.from_params(params, server=mode == Mode.PASSIVE, driver=DRIVER_NAME)
-        if mode == Mode.PASSIVE:
-            _param(params, "port", int, 0, minimum=0)
-            _server_options(params, tls)
-        else:
+        if mode != Mode.PASSIVE:
             connect_address(params, DRIVER_NAME)
-            _param(params, "connect_timeout", float, DEFAULT_CONNECT_TIMEOUT, minimum=0.001)
-            _target_name_override(params)
         if tls is not None:
             GrpcTls(tls)  # the PEM bytes gRPC will get, read once
 
@@ -226,13 +275,13 @@ class GrpcDriver(Driver):
     # -- passive -------------------------------------------------------------------------------
 
     def listen(self, connector: ConnectorInfo) -> None:
-        params = connector.params
-        host = bind_host(params.get("host"))
-        port = _param(params, "port", int, 0)
+        params = _parse(connector.params, connector.mode)
+        host = bind_host(params["host"])
+        port = params["port"] or 0
         kwargs = _conn_kwargs(params)
         tls = self._tls_for(connector)
         options = _server_options(params, tls.settings if tls is not None else None)
-        scheme = str(params.get("scheme") or "grpc")
+        scheme = params["scheme"] or "grpc"
         if tls is not None:
             scheme = secure_scheme(scheme)  # also for secure=true on grpc://
         lt = acquire_loop()
@@ -241,7 +290,7 @@ class GrpcDriver(Driver):
                 self._submit(lt, self._start_server(lt, connector, host, port, kwargs, tls, options)), 30
             )
             try:
-                connector.listening(listening_url(scheme, params.get("host"), actual))
+                connector.listening(listening_url(scheme, params["host"], actual))
                 if tls is not None:
                     log.info(
                         "grpc: listening on %s:%d with TLS (connection_security=%s)",
@@ -311,12 +360,12 @@ class GrpcDriver(Driver):
     # -- active --------------------------------------------------------------------------------
 
     def connect(self, connector: ConnectorInfo) -> None:
-        params = connector.params
-        host, port = connect_address(params, "grpc")
-        timeout = _param(params, "connect_timeout", float, DEFAULT_CONNECT_TIMEOUT)
+        params = _parse(connector.params, connector.mode)
+        host, port = connect_address(connector.params, "grpc")
+        timeout = params["connect_timeout"]
         kwargs = _conn_kwargs(params)
         tls = self._tls_for(connector)
-        override = _target_name_override(params)
+        override = params["ssl_target_name_override"]
         target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         lt = acquire_loop()
         try:
