@@ -9,7 +9,18 @@ import sys
 import pytest
 from helpers import scaled
 
-from sfm_core.bench.runner import Result, add_ratios, best_rows, parse_openssl_speed, pick_schemes, with_plain
+from sfm_core.bench.runner import (
+    QUICK,
+    Result,
+    add_ratios,
+    best_rows,
+    by_scheme,
+    parse_openssl_speed,
+    pick_schemes,
+    plan_steps,
+    with_plain,
+    wrapped,
+)
 
 
 def test_each_scheme_is_compared_with_its_own_baseline_else_raw() -> None:
@@ -59,6 +70,67 @@ def test_bench_quick_over_tcp_writes_the_documented_json(tmp_path) -> None:
         assert tcp[key]["baseline"] == raw[key]
         assert tcp[key]["ratio"] == pytest.approx(tcp[key]["value"] / raw[key])
     assert tcp[("fanin_ready", 500)]["value"] == 500  # every light client got READY
+    wrap = {(r["workload"], r["size"]): r for r in results if r["scheme"] == "tcp (wrapped receiver)"}
+    assert set(wrap) == {("msg_rate", 100), ("throughput", 1 << 20)}
+    for key, row in wrap.items():  # a pass-through receiver wrapper plugin against plain tcp
+        assert row["value"] > 0 and row["baseline_name"] == "tcp" and row["baseline"] == tcp[key]["value"]
+        assert row["ratio"] == pytest.approx(row["value"] / tcp[key]["value"])
+
+
+# -- a plugin on the frame path: sfm_wrap_frame_receiver ------------------------------------
+
+
+def test_tcp_alone_is_measured_again_with_a_receiver_wrapper_against_plain_tcp() -> None:
+    steps, baselines = plan_steps(["tcp", "ws"], QUICK)
+    labels = [s.label for s in steps if "wrapped" in s.label]
+    assert labels == [
+        "sfm tcp, receiver wrapped by a plugin: 100 B message rate",
+        "sfm tcp, receiver wrapped by a plugin: 1 MiB throughput",
+    ]
+    assert all(s.repeat for s in steps if "wrapped" in s.label)  # in the interleaved rounds
+    order = [s.label for s in steps if s.label.startswith("sfm tcp")][:4]
+    assert [label.rsplit(": ", 1)[1] for label in order] == ["100 B message rate"] * 2 + ["1 MiB throughput"] * 2
+    assert baselines[wrapped("tcp")] == ("tcp",) and wrapped("ws") not in baselines
+    assert wrapped("tcp") not in plan_steps(["ws"], QUICK)[1]
+
+
+def test_rows_are_grouped_by_scheme_in_order_of_first_appearance() -> None:
+    rows = [
+        Result(scheme, w, 100, 1.0, "msg/s")
+        for scheme, w in [("raw", "a"), ("tcp", "a"), ("w", "a"), ("tcp", "b"), ("w", "b"), ("tcp", "c")]
+    ]
+    assert [(r.scheme, r.workload) for r in by_scheme(rows)] == [
+        ("raw", "a"),
+        ("tcp", "a"),
+        ("tcp", "b"),
+        ("tcp", "c"),
+        ("w", "a"),
+        ("w", "b"),
+    ]
+
+
+def test_the_bench_wrapper_counts_frames_and_passes_batches_on_whole() -> None:
+    from sfm_core.bench.wrapper import CountingReceiver, WrapperPlugin
+    from sfm_core.driver import FrameReceiver
+
+    class Inner(FrameReceiver):
+        def __init__(self) -> None:
+            self.batches: list[list[bytes]] = []
+
+        def process_frame(self, frame) -> None:
+            raise AssertionError("a batch must stay a batch")
+
+        def process_frames(self, frames) -> None:
+            self.batches.append(list(frames))
+
+    inner = Inner()
+    receiver = WrapperPlugin().sfm_wrap_frame_receiver(None, None, inner)
+    assert isinstance(receiver, CountingReceiver) and receiver.inner is inner
+    before = CountingReceiver.frames
+    receiver.process_frames([b"a", b"b"])
+    receiver.process_frames([b"c"])
+    assert inner.batches == [[b"a", b"b"], [b"c"]]
+    assert CountingReceiver.frames - before == 3
 
 
 def test_bench_refuses_a_repeat_below_one() -> None:

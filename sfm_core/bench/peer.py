@@ -87,19 +87,30 @@ def raw_server(mode: str, count: int) -> None:
 
 
 def sfm_server(
-    mode: str, url: str, count: int, tls_dir: str | None = None, identity_map: dict[str, str] | None = None
+    mode: str,
+    url: str,
+    count: int,
+    tls_dir: str | None = None,
+    identity_map: dict[str, str] | None = None,
+    wrap_receiver: bool = False,
 ) -> None:
     """Receive, echo or listen as endpoint ``bench-server``; with ``tls_dir`` (a
     :mod:`sfm_core.pki` directory) the listener presents its server certificate, and
     ``identity_map`` (``ConnManager(identity_map=)``) lets many claimed names share one
-    client certificate (fan-in)."""
+    client certificate (fan-in). ``wrap_receiver`` registers the pass-through
+    ``sfm_wrap_frame_receiver`` plugin of :mod:`.wrapper`; the result then says how many
+    frames it saw (``wrapped_frames``)."""
     import logging
 
     logging.basicConfig(level=logging.WARNING)
     from sfm_core import ConnManager, Endpoint, MessageReceiver, Mode
     from sfm_core.pki import params_in
 
+    from . import wrapper
+
     raise_nofile()
+    if wrap_receiver:
+        wrapper.register()
     manager = ConnManager(Endpoint("bench-server"), handshake_timeout=60.0, identity_map=identity_map)
     done = threading.Event()
     state = {"n": 0, "start": 0.0, "end": 0.0}
@@ -129,7 +140,8 @@ def sfm_server(
     try:
         if mode == "recv":
             done.wait()
-            emit(count=count - 1, elapsed=state["end"] - state["start"])
+            wrapped = {"wrapped_frames": wrapper.CountingReceiver.frames} if wrap_receiver else {}
+            emit(count=count - 1, elapsed=state["end"] - state["start"], **wrapped)
             wait_stdin_closed()
         elif mode == "listen":
             # Fan-in: report on request ("stats" line), until stdin closes.
@@ -156,13 +168,18 @@ def main(argv: list[str] | None = None) -> None:
         default=[],
         help="claimed names starting with PREFIX resolve to IDENTITY (identity binding); repeatable",
     )
+    ap.add_argument(
+        "--wrap-receiver",
+        action="store_true",
+        help="register a pass-through sfm_wrap_frame_receiver plugin that counts frames",
+    )
     args = ap.parse_args(argv)
     identity_map = dict(item.split("=", 1) for item in args.identity_map) or None
     kind, mode = args.role.split("-")
     if kind == "raw":
         raw_server(mode, args.count)
     else:
-        sfm_server(mode, args.url, args.count, args.tls_dir, identity_map)
+        sfm_server(mode, args.url, args.count, args.tls_dir, identity_map, args.wrap_receiver)
     os._exit(0)  # skip interpreter teardown: the measurement is done
 
 

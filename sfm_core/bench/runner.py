@@ -111,14 +111,27 @@ def _base_rtt(base: Any, plan: Plan) -> list[Result]:
     return _rtt_rows(base.name, base.run("rtt", 100, plan.rtt_count))
 
 
-def _sfm_rate(scheme: str, plan: Plan, pki: Pki | None = None) -> list[Result]:
-    elapsed = wl.sfm_oneway(scheme, 100, plan.rate_count, pki)
-    return [Result(scheme, "msg_rate", 100, _rate(elapsed, plan.rate_count), "msg/s")]
+def wrapped(scheme: str) -> str:
+    """The name of ``scheme``'s rows measured with the pass-through ``sfm_wrap_frame_receiver``
+    plugin (:mod:`.wrapper`) on the receiving side: ``tcp (wrapped receiver)``."""
+    return f"{scheme} (wrapped receiver)"
 
 
-def _sfm_tput(scheme: str, size: int, count: int, pki: Pki | None = None) -> list[Result]:
-    elapsed = wl.sfm_oneway(scheme, size, count, pki)
-    return [Result(scheme, "throughput", size, _mbps(elapsed, count, size), "MB/s")]
+#: The schemes whose sfm rows are also measured with a receiver wrapper (the cost of a plugin
+#: on the frame path; once is enough: the hook is the core's, not the driver's).
+WRAPPED_SCHEMES = ("tcp",)
+
+
+def _sfm_rate(scheme: str, plan: Plan, pki: Pki | None = None, wrap: bool = False) -> list[Result]:
+    elapsed = wl.sfm_oneway(scheme, 100, plan.rate_count, pki, wrap_receiver=wrap)
+    name = wrapped(scheme) if wrap else scheme
+    return [Result(name, "msg_rate", 100, _rate(elapsed, plan.rate_count), "msg/s")]
+
+
+def _sfm_tput(scheme: str, size: int, count: int, pki: Pki | None = None, wrap: bool = False) -> list[Result]:
+    elapsed = wl.sfm_oneway(scheme, size, count, pki, wrap_receiver=wrap)
+    name = wrapped(scheme) if wrap else scheme
+    return [Result(name, "throughput", size, _mbps(elapsed, count, size), "MB/s")]
 
 
 def _sfm_rtt(scheme: str, plan: Plan, pki: Pki | None = None) -> list[Result]:
@@ -210,6 +223,16 @@ def _sfm_steps(scheme: str, plan: Plan, pki: Pki | None) -> list[Step]:
     ]
 
 
+def _wrapped_steps(scheme: str, plan: Plan) -> list[Step]:
+    """100 B rate (the workload most sensitive to per-frame cost) and 1 MiB throughput with a
+    pass-through receiver wrapper on the receiving side, compared with ``scheme``'s own rows."""
+    label = f"sfm {scheme}, receiver wrapped by a plugin"
+    return [
+        Step(f"{label}: 100 B message rate", partial(_sfm_rate, scheme, plan, None, True)),
+        Step(f"{label}: 1 MiB throughput", partial(_sfm_tput, scheme, MiB, plan.mib1_count, None, True)),
+    ]
+
+
 def _fanin_count(scheme: str, plan: Plan) -> int:
     return plan.fanin.get(scheme, min(DEFAULT_FANIN, plan.fanin.get("tcp", DEFAULT_FANIN)))
 
@@ -224,6 +247,9 @@ def plan_steps(
     (mutual TLS) and compared with its plain scheme's sfm rows only (stcp with tcp), which
     :func:`with_plain` adds if missing: the ratio is the cost of TLS in this run. ``aes_gcm``
     adds one core's AES-GCM speed (``openssl speed``) to compare stcp's 1 MiB throughput with.
+    tcp's 100 B rate and 1 MiB throughput are measured again with a pass-through
+    ``sfm_wrap_frame_receiver`` plugin on the receiving side (rows ``tcp (wrapped receiver)``,
+    baseline tcp's sfm rows): what a plugin on the frame path costs.
     """
     schemes = with_plain(schemes)
     if pki is None and any(s in SECURE_SCHEMES for s in schemes):
@@ -260,7 +286,13 @@ def plan_steps(
                 Step(f"{base.name}: 64 MiB throughput", partial(_base_tput, base, 64 * MiB, plan.mib64_count)),
                 Step(f"{base.name}: 100 B round trip", partial(_base_rtt, base, plan)),
             ]
-        steps += _sfm_steps(scheme, plan, None)
+        sfm = _sfm_steps(scheme, plan, None)
+        if scheme in WRAPPED_SCHEMES:
+            # Each wrapped step right after the step it is compared with: the least drift between them.
+            baselines[wrapped(scheme)] = (scheme,)
+            rate, tput = _wrapped_steps(scheme, plan)
+            sfm = [sfm[0], rate, sfm[1], tput, *sfm[2:]]
+        steps += sfm
         clients = wl.tcp_fanin if scheme == "tcp" else getattr(base, "fanin", None)
         if clients is not None:
             n = _fanin_count(scheme, plan)
@@ -296,8 +328,15 @@ def run(schemes: list[str], plan: Plan, progress: Callable[[str], None]) -> list
             pki = make_pki(directory, SERVER_CN, CLIENT_CN)
         aes = "stcp" in schemes and shutil.which("openssl") is not None
         steps, baselines = plan_steps(schemes, plan, pki, aes_gcm=aes)
-        results = _run_steps(steps, plan, progress)
+        results = by_scheme(_run_steps(steps, plan, progress))
     return add_aes_gcm_row(add_ratios(results, baselines))
+
+
+def by_scheme(results: list[Result]) -> list[Result]:
+    """The rows of each scheme together, schemes in the order they first appear (a step may
+    run between two of another scheme's, as the wrapped-receiver steps do)."""
+    order = {scheme: i for i, scheme in reversed(list(enumerate(r.scheme for r in results)))}
+    return sorted(results, key=lambda r: order[r.scheme])
 
 
 def _run_steps(steps: list[Step], plan: Plan, progress: Callable[[str], None]) -> list[Result]:

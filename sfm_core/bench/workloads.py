@@ -148,9 +148,13 @@ def _wait_ready(manager: Any, name: str, timeout: float = 30.0) -> Any:
     raise TimeoutError(f"{name} not READY after {timeout} s")
 
 
-def sfm_oneway(scheme: str, size: int, count: int, pki: Pki | None = None) -> float:
+def sfm_oneway(scheme: str, size: int, count: int, pki: Pki | None = None, wrap_receiver: bool = False) -> float:
+    """Seconds the receiver took for ``count - 1`` messages after the first. With
+    ``wrap_receiver`` the receiving peer runs the pass-through ``sfm_wrap_frame_receiver``
+    plugin (:mod:`.wrapper`), which must have seen every message's frames."""
     payload = b"x" * size
-    with PeerProcess(*_peer_args("sfm-recv", scheme, pki, "--count", str(count))) as peer:
+    more = ["--count", str(count), *(["--wrap-receiver"] if wrap_receiver else [])]
+    with PeerProcess(*_peer_args("sfm-recv", scheme, pki, *more)) as peer:
         url = peer.read()["url"]
         manager = _client(url, pki=pki)
         manager.start()
@@ -162,6 +166,8 @@ def sfm_oneway(scheme: str, size: int, count: int, pki: Pki | None = None) -> fl
             result = peer.read()
         finally:
             manager.stop()
+    if wrap_receiver and result.get("wrapped_frames", 0) < count:
+        raise RuntimeError(f"the receiver wrapper saw {result.get('wrapped_frames', 0)} frames of {count} messages")
     return result["elapsed"]
 
 
