@@ -716,6 +716,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", metavar="PATH", help="also write results as JSON")
     p.set_defaults(func=cmd_bench)
+
+    # Its module imports pytest only when the command runs: plain `sfm` use does not need it.
+    from .testing.command import add_command as add_conformance
+
+    add_conformance(sub)
     return ap
 
 

@@ -329,3 +329,11 @@ def test_ping_with_the_servers_own_name_prints_the_servers_reason() -> None:
     assert out.returncode == 1
     assert "refused our handshake; its reason: peer claims our own endpoint name 'server'" in out.stderr
     assert "cannot reach" not in out.stderr
+
+
+def test_sfm_conformance_is_a_command_of_sfm(capsys) -> None:
+    """issue 9: `sfm conformance SCHEME` runs the driver conformance suite (docs/conformance.md)."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["conformance", "--help"])
+    assert exit_.value.code == 0
+    assert "conformance suite" in capsys.readouterr().out
