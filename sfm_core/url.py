@@ -71,6 +71,25 @@ def connect_address(params: dict, driver: str) -> tuple[str, int]:
 
 def format_url(scheme: str, host: str, port: int, path: str = "") -> str:
     """Build ``scheme://host:port[path]``, bracketing IPv6 hosts."""
+    return f"{scheme}://{host_port(host, port)}{path}"
+
+
+def host_port(host: object, port: object = None) -> str:
+    """``host:port``, with an IPv6 host in brackets (``[::1]:8002``); the host alone
+    (bracketed the same way) when ``port`` is None.
+
+    Also takes a socket address: ``host_port(sock.getpeername())`` formats an AF_INET or
+    AF_INET6 tuple (extra fields are ignored); anything else (an AF_UNIX path, None) comes
+    back as ``str()``. A host already in brackets is left as it is. This is the one place
+    drivers bracket hosts: for URLs, gRPC targets, log lines and ``peer_addr``.
+    """
+    if port is None and isinstance(host, tuple):
+        if len(host) < 2:
+            return str(host)
+        host, port = host[0], host[1]
+    elif port is None and not isinstance(host, str):
+        return str(host)
+    host = str(host)
     if ":" in host and not host.startswith("["):
         host = f"[{host}]"
-    return f"{scheme}://{host}:{port}{path}"
+    return host if port is None else f"{host}:{port}"

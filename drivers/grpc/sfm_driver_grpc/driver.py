@@ -22,7 +22,7 @@ from sfm_core.aio import LoopThread, acquire_loop, release_loop
 from sfm_core.driver_params import ACTIVE, PASSIVE, Param, parse_params
 from sfm_core.frames import MAX_FRAME_SIZE
 from sfm_core.tls import TlsSettings
-from sfm_core.url import bind_host, connect_address, listening_url
+from sfm_core.url import bind_host, connect_address, host_port, listening_url
 
 from . import wire
 from .connection import BATCH_EXTENSION, GrpcConnection
@@ -293,13 +293,12 @@ class GrpcDriver(Driver):
                 connector.listening(listening_url(scheme, params["host"], actual))
                 if tls is not None:
                     log.info(
-                        "grpc: listening on %s:%d with TLS (connection_security=%s)",
-                        host or "*",
-                        actual,
+                        "grpc: listening on %s with TLS (connection_security=%s)",
+                        host_port(host or "*", actual),
                         tls.settings.security,
                     )
                 else:
-                    log.info("grpc: listening on %s:%d", host or "*", actual)
+                    log.info("grpc: listening on %s", host_port(host or "*", actual))
                 self._stop_listen.wait()
             finally:
                 # stop(0) cancels every handler, so each connection's run() ends and is removed.
@@ -330,7 +329,7 @@ class GrpcDriver(Driver):
                 lt.loop,
                 context,
                 peer_addr=context.peer(),
-                local_addr=f"{listen_host}:{actual}",
+                local_addr=host_port(listen_host, actual),
                 is_server=True,
                 transport="grpcs" if tls is not None else "grpc",
                 tls_props=tls.server_properties(context) if tls is not None else None,
@@ -342,7 +341,7 @@ class GrpcDriver(Driver):
 
         handler = grpc.method_handlers_generic_handler(SERVICE, {METHOD: grpc.stream_stream_rpc_method_handler(handle)})
         server.add_generic_rpc_handlers((handler,))
-        addr = f"[{host}]:{port}" if ":" in host else f"{listen_host}:{port}"
+        addr = host_port(listen_host, port)
         try:
             actual = server.add_secure_port(addr, tls.server_credentials()) if tls else server.add_insecure_port(addr)
             error = "" if actual else "no port"
@@ -366,7 +365,7 @@ class GrpcDriver(Driver):
         kwargs = _conn_kwargs(params)
         tls = self._tls_for(connector)
         override = params["ssl_target_name_override"]
-        target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        target = host_port(host, port)
         lt = acquire_loop()
         try:
             conn = self._wait(

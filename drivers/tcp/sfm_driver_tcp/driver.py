@@ -18,9 +18,9 @@ from sfm_core.driver_params import ACTIVE, PASSIVE, Param, parse_params
 from sfm_core.frames import MAX_FRAME_SIZE
 from sfm_core.limits import Slot
 from sfm_core.tls import TlsSettings
-from sfm_core.url import bind_host, connect_host, listening_url
+from sfm_core.url import bind_host, connect_host, host_port, listening_url
 
-from .connection import TcpConnection, _fmt
+from .connection import TcpConnection
 from .reactor import DEFAULT_GATHER, Reactor
 from .tls import HandshakeFailed, HandshakeTimer, TlsTcpConnection
 
@@ -99,7 +99,7 @@ class _Listener:
                 if e.errno in _RESOURCE_ERRORS:
                     time.sleep(0.1)  # the connection stays queued; this pool thread backs off
                 return
-            slot = self.connector.admit(_fmt(addr))
+            slot = self.connector.admit(host_port(addr))
             if slot is None:
                 sock.close()  # the listener is full; the limit logs why
                 continue
@@ -268,7 +268,7 @@ class TcpDriver(Driver):
             reactor = self._new_reactor(params["io_threads"], params["gather_us"] / 1e6)
         except OSError as e:
             sock.close()
-            raise CommError(CommError.ERROR, f"tcp: cannot listen on {host or '*'}:{port}: {e}") from None
+            raise CommError(CommError.ERROR, f"tcp: cannot listen on {host_port(host or '*', port)}: {e}") from None
         except BaseException:
             sock.close()
             raise
@@ -283,9 +283,9 @@ class TcpDriver(Driver):
             scheme = "stcp" if tls is not None else params["scheme"] or "tcp"
             connector.listening(listening_url(scheme, params["host"], actual[1]))
             if tls is not None:
-                log.info("tcp: listening on %s (TLS, connection_security=%s)", _fmt(actual), tls.security)
+                log.info("tcp: listening on %s (TLS, connection_security=%s)", host_port(actual), tls.security)
             else:
-                log.info("tcp: listening on %s", _fmt(actual))
+                log.info("tcp: listening on %s", host_port(actual))
             reactor.serve(threads=params["io_threads"])
         finally:
             self._forget_reactor(reactor)
@@ -338,10 +338,10 @@ class TcpDriver(Driver):
         except HandshakeFailed as e:
             sock.close()
             log.warning("tcp: TLS to %s:%s failed: %s", host, params["port"], e)
-            raise CommError(CommError.CLOSED, f"tcp: TLS to {host}:{params['port']}: {e}") from None
+            raise CommError(CommError.CLOSED, f"tcp: TLS to {host_port(host, params['port'])}: {e}") from None
         except (OSError, ssl.SSLError) as e:
             sock.close()
-            raise CommError(CommError.CLOSED, f"tcp: TLS to {host}:{params['port']}: {e}") from None
+            raise CommError(CommError.CLOSED, f"tcp: TLS to {host_port(host, params['port'])}: {e}") from None
         except BaseException:
             sock.close()
             raise
@@ -374,7 +374,7 @@ class TcpDriver(Driver):
         except OSError as e:
             sock.close()
             reason = e.strerror or str(e)
-            raise CommError(CommError.CLOSED, f"tcp: cannot connect to {host}:{port}: {reason}") from None
+            raise CommError(CommError.CLOSED, f"tcp: cannot connect to {host_port(host, port)}: {reason}") from None
         except BaseException:
             sock.close()
             raise

@@ -27,6 +27,7 @@ from websockets.server import ServerProtocol
 from sfm_core import CommError, Connection, ConnectorInfo
 from sfm_core.frames import HANDSHAKE_MAX_FRAME, PREFIX_LEN, check_prefix
 from sfm_core.tls import TlsSettings, peer_properties
+from sfm_core.url import host_port
 
 from .tls import TLS_HANDSHAKE_RECORD, describe_tls_error, secure_scheme
 
@@ -68,14 +69,6 @@ def _first_message_limit(proto: Protocol, later: int | None) -> None:
             del proto.recv_frame  # back to the class's method: no cost per frame from now on
 
     proto.recv_frame = first_recv_frame  # type: ignore[method-assign]
-
-
-def fmt_addr(addr: object) -> str:
-    """``host:port`` (``[v6]:port``) for a socket address."""
-    if isinstance(addr, tuple) and len(addr) >= 2:
-        host = addr[0]
-        return f"[{host}]:{addr[1]}" if ":" in str(host) else f"{host}:{addr[1]}"
-    return str(addr)
 
 
 class WebSocketConnection(Connection, asyncio.Protocol):
@@ -160,7 +153,7 @@ class WebSocketConnection(Connection, asyncio.Protocol):
     def get_conn_properties(self) -> dict:
         """``peer_addr``/``local_addr`` as ``host:port`` strings, the WebSocket ``path``, and on
         TLS ``peer_cn``, ``tls_version``, ``tls_cipher``, ``identity_binding``."""
-        props = {"peer_addr": fmt_addr(self._peer), "local_addr": fmt_addr(self._local), "path": self.path}
+        props = {"peer_addr": host_port(self._peer), "local_addr": host_port(self._local), "path": self.path}
         if self._tls_props:
             props.update(self._tls_props)
         return props
@@ -175,7 +168,7 @@ class WebSocketConnection(Connection, asyncio.Protocol):
         connector = self.connector
         if self.is_server and self.slot is None and connector is not None:
             # A plaintext listener's connection takes its slot here, right after accept().
-            self.slot = connector.admit(fmt_addr(self._peer))
+            self.slot = connector.admit(host_port(self._peer))
             if self.slot is None and connector.limits is not None:
                 transport.abort()  # the listener is full; the limit logs why
                 return
@@ -235,7 +228,7 @@ class WebSocketConnection(Connection, asyncio.Protocol):
         self._drop_unsent("connection lost" if exc is None else f"connection lost ({exc})")
         if exc is not None and not self._reason_logged:
             self._reason_logged = True
-            log.info("connection %s to %s lost: %s", self.name, fmt_addr(self._peer), exc)
+            log.info("connection %s to %s lost: %s", self.name, host_port(self._peer), exc)
         opened = self.opened
         if opened is not None and not opened.done():
             if self.tls is not None:
@@ -249,7 +242,7 @@ class WebSocketConnection(Connection, asyncio.Protocol):
                 else:
                     why = describe_tls_error(exc, self._scheme())
                     why = f"connection lost before the WebSocket upgrade was answered: {why}"
-                message = f"websocket handshake with {fmt_addr(self._peer)} failed: {why}"
+                message = f"websocket handshake with {host_port(self._peer)} failed: {why}"
             else:
                 message = self._handshake_error("connection closed" if exc is None else f"connection closed: {exc}")
             opened.set_exception(CommError(CommError.CLOSED, message))
@@ -287,7 +280,7 @@ class WebSocketConnection(Connection, asyncio.Protocol):
             "connection %s from %s: not a WebSocket client: TLS ClientHello on a plaintext %s listener: the client "
             "uses %s://?; answering 400 and closing",
             self.name,
-            fmt_addr(self._peer),
+            host_port(self._peer),
             scheme,
             secure_scheme(scheme),
         )
@@ -332,7 +325,7 @@ class WebSocketConnection(Connection, asyncio.Protocol):
         assert isinstance(proto, ServerProtocol)
         path = request.path.split("?", 1)[0]
         if path != self.path:
-            log.info("websocket listener: %s asked for %s; answering 404", fmt_addr(self._peer), request.path)
+            log.info("websocket listener: %s asked for %s; answering 404", host_port(self._peer), request.path)
             response = proto.reject(404, f"Not Found: the SFM WebSocket is at {self.path}\n")
         else:
             response = proto.accept(request)
@@ -340,7 +333,7 @@ class WebSocketConnection(Connection, asyncio.Protocol):
                 log.info(
                     "websocket listener: refused %s from %s: %d %s (%s)",
                     request.path,
-                    fmt_addr(self._peer),
+                    host_port(self._peer),
                     response.status_code,
                     response.reason_phrase,
                     proto.handshake_exc,
@@ -352,7 +345,7 @@ class WebSocketConnection(Connection, asyncio.Protocol):
 
     def _handshake_error(self, what: str) -> str:
         exc = self.proto.handshake_exc
-        return f"websocket handshake with {fmt_addr(self._peer)} failed: {exc or what}"
+        return f"websocket handshake with {host_port(self._peer)} failed: {exc or what}"
 
     def _open_timed_out(self) -> None:
         self._timer = None
@@ -360,7 +353,7 @@ class WebSocketConnection(Connection, asyncio.Protocol):
             log.warning(
                 "connection %s: no WebSocket upgrade with %s within %s s; closing",
                 self.name,
-                fmt_addr(self._peer),
+                host_port(self._peer),
                 self.open_timeout,
             )
             self._reason_logged = True
@@ -464,9 +457,9 @@ class WebSocketConnection(Connection, asyncio.Protocol):
             reason = f"not a WebSocket client: {reason} ({reason.__cause__})"
         elif isinstance(reason, EOFError):
             reason = "peer closed the TCP connection without a WebSocket close"
-            log.info("connection %s from %s: %s", self.name, fmt_addr(self._peer), reason)
+            log.info("connection %s from %s: %s", self.name, host_port(self._peer), reason)
             return
-        log.warning("connection %s with %s: closing: %s", self.name, fmt_addr(self._peer), reason)
+        log.warning("connection %s with %s: closing: %s", self.name, host_port(self._peer), reason)
 
     def pause_reading(self) -> None:
         """Stop reading from the socket (any thread)."""
@@ -517,7 +510,7 @@ class WebSocketConnection(Connection, asyncio.Protocol):
         with self._lock:
             while True:
                 if self._closing:
-                    raise CommError(CommError.CLOSED, f"connection {self.name} to {fmt_addr(self._peer)} is closed")
+                    raise CommError(CommError.CLOSED, f"connection {self.name} to {host_port(self._peer)} is closed")
                 # One frame may always go when nothing is queued, however big it is.
                 if not self._queued_bytes or self._queued_bytes + size <= self.high_water:
                     break
@@ -527,7 +520,7 @@ class WebSocketConnection(Connection, asyncio.Protocol):
                 elif now >= deadline:
                     raise CommError(
                         CommError.TIMEOUT,
-                        f"connection {self.name} to {fmt_addr(self._peer)}: "
+                        f"connection {self.name} to {host_port(self._peer)}: "
                         f"peer took nothing for {self.send_timeout} s",
                     )
                 self._send_waiters += 1
@@ -629,7 +622,7 @@ class WebSocketConnection(Connection, asyncio.Protocol):
                 "connection %s to %s: %s: dropped unsent %d queued frame(s) (%d bytes), %d bytes of the"
                 " transport buffer and %d control frame(s)",
                 self.name,
-                fmt_addr(self._peer),
+                host_port(self._peer),
                 why,
                 frames,
                 nbytes,
@@ -660,7 +653,7 @@ class WebSocketConnection(Connection, asyncio.Protocol):
                 log.warning(
                     "connection %s to %s: %d frame(s) dropped unsent: the WebSocket is closing (%s)",
                     self.name,
-                    fmt_addr(self._peer),
+                    host_port(self._peer),
                     len(queue),
                     self.proto.state.name,
                 )

@@ -28,9 +28,9 @@ from sfm_core.aio import LoopThread, acquire_loop, release_loop
 from sfm_core.driver_params import ACTIVE, PASSIVE, Param, parse_params
 from sfm_core.frames import MAX_FRAME_SIZE
 from sfm_core.tls import TlsSettings
-from sfm_core.url import bind_host, connect_address, listening_url
+from sfm_core.url import bind_host, connect_address, format_url, host_port, listening_url
 
-from .connection import WebSocketConnection, fmt_addr
+from .connection import WebSocketConnection
 from .tls import TlsServer, describe_tls_error, secure_scheme
 
 log = logging.getLogger(__name__)
@@ -190,7 +190,9 @@ class WebSocketDriver(Driver):
                     server = TlsServer(loop, tls, factory, scheme, opts["close_timeout"], connector.admit)
                     lt.run(server.start(host or None, port, backlog), 30.0)
             except OSError as e:
-                raise CommError(CommError.ERROR, f"websocket: cannot listen on {host or '*'}:{port}: {e}") from None
+                raise CommError(
+                    CommError.ERROR, f"websocket: cannot listen on {host_port(host or '*', port)}: {e}"
+                ) from None
             with self._lock:
                 self._servers.append(server)
             try:
@@ -198,7 +200,7 @@ class WebSocketDriver(Driver):
                 connector.listening(listening_url(scheme, params["host"], actual[1]))
                 log.info(
                     "websocket: listening on %s%s%s",
-                    fmt_addr(actual),
+                    host_port(actual),
                     opts["path"],
                     "" if tls is None else f" (TLS, connection_security={tls.security})",
                 )
@@ -249,7 +251,7 @@ class WebSocketDriver(Driver):
                 raise CommError(CommError.CLOSED, "websocket driver is shut down") from None
             except (TimeoutError, concurrent.futures.TimeoutError):
                 raise CommError(
-                    CommError.TIMEOUT, f"websocket: no connection to {host}:{port} after {timeout} s"
+                    CommError.TIMEOUT, f"websocket: no connection to {host_port(host, port)} after {timeout} s"
                 ) from None
             try:
                 if self._stopping.is_set():
@@ -275,8 +277,7 @@ class WebSocketDriver(Driver):
         self, connector: ConnectorInfo, host: str, port: int, timeout: float, opts: dict, tls: TlsSettings | None
     ):
         loop = asyncio.get_running_loop()
-        h = f"[{host}]" if ":" in host else host
-        target = f"{'ws' if tls is None else 'wss'}://{h}:{port}{opts['path']}"
+        target = format_url("ws" if tls is None else "wss", host, port, opts["path"])
         uri = parse_uri(target)
         proto = ClientProtocol(uri, max_size=opts["max_frame_size"])
         conn = WebSocketConnection(self, connector, loop, proto, tls=tls, **opts)

@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 from sfm_core.limits import Slot
 from sfm_core.tls import SECURE_SCHEMES, TlsSettings
+from sfm_core.url import host_port
 
 log = logging.getLogger(__name__)
 
@@ -82,13 +83,6 @@ def describe_tls_error(exc: BaseException, scheme: str) -> str:
             return f"{exc} (the listener refused the TLS connection: our client certificate?)"
         return str(exc)
     return str(exc) or type(exc).__name__
-
-
-def _fmt(addr: object) -> str:
-    if isinstance(addr, tuple) and len(addr) >= 2:
-        host = addr[0]
-        return f"[{host}]:{addr[1]}" if ":" in str(host) else f"{host}:{addr[1]}"
-    return str(addr)
 
 
 class TlsServer:
@@ -154,7 +148,7 @@ class TlsServer:
                 sock.listen(backlog)
                 sock.setblocking(False)
             if not self.sockets:
-                raise OSError(f"no socket could be opened for {host or '*'}:{port}")
+                raise OSError(f"no socket could be opened for {host_port(host or '*', port)}")
         except OSError:
             for sock in self.sockets:
                 sock.close()
@@ -178,7 +172,7 @@ class TlsServer:
                     return
                 continue  # the client went away between its connect and our accept
             if self.admit is not None:
-                slot = self.admit(_fmt(addr))
+                slot = self.admit(host_port(addr))
                 if slot is None:
                     sock.close()  # the listener is full; the limit logs why
                     continue
@@ -223,7 +217,7 @@ class TlsServer:
         log.warning(
             "%s listener: %s sent nothing within tls_handshake_timeout %s s; closing",
             self.scheme,
-            _fmt(addr),
+            host_port(addr),
             self.settings.handshake_timeout,
         )
         self._drop(sock)
@@ -235,12 +229,12 @@ class TlsServer:
             return
         except OSError as e:
             self._stop_waiting(sock)
-            log.info("%s listener: %s gone before the TLS handshake: %s", self.scheme, _fmt(addr), e)
+            log.info("%s listener: %s gone before the TLS handshake: %s", self.scheme, host_port(addr), e)
             self._drop(sock)
             return
         self._stop_waiting(sock)
         if not first:
-            log.info("%s listener: %s closed the connection before the TLS handshake", self.scheme, _fmt(addr))
+            log.info("%s listener: %s closed the connection before the TLS handshake", self.scheme, host_port(addr))
             self._drop(sock)
             return
         if first[0] != TLS_HANDSHAKE_RECORD:
@@ -262,7 +256,7 @@ class TlsServer:
             "%s listener: plaintext request (not a TLS ClientHello) from %s on a TLS %s:// listener: the client uses "
             "%s://?; answering 400 and closing",
             self.scheme,
-            _fmt(addr),
+            host_port(addr),
             self.scheme,
             plain_scheme(self.scheme),
         )
@@ -290,12 +284,14 @@ class TlsServer:
             self._drop(sock)  # the listener is closing; asyncio closed the transport, the slot is ours
             raise
         except OSError as e:  # ssl.SSLError, the handshake timeout, a reset
-            log.warning("%s listener: TLS handshake with %s failed: %s", self.scheme, _fmt(addr), _server_reason(e))
+            log.warning(
+                "%s listener: TLS handshake with %s failed: %s", self.scheme, host_port(addr), _server_reason(e)
+            )
             # asyncio force-closed the transport (no reader or writer left on the socket); this
             # also closes a socket it failed to make a transport of.
             self._drop(sock)
         except Exception as e:  # nothing from the loop escapes as a traceback
-            log.warning("%s listener: TLS handshake with %s failed: %r", self.scheme, _fmt(addr), e)
+            log.warning("%s listener: TLS handshake with %s failed: %r", self.scheme, host_port(addr), e)
             self._drop(sock)
 
     # -- closing ---------------------------------------------------------------------------
