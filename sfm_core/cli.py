@@ -292,16 +292,40 @@ def _listening_line(name: str, connector: Any, url: str) -> str:
     )
 
 
+def _serve_config(args: argparse.Namespace) -> tuple[ConnManager, list[str]]:
+    """``sfm serve --config FILE [URL] [--name N] [--heartbeat S] [--connect] [TLS options]``:
+    the file, then the SFM_* environment, then the command line (docs/configuration.md):
+    ``--name`` and ``--heartbeat`` replace the endpoint's name and heartbeat_interval, a URL
+    is one more connector after the file's (``--connect`` and the TLS options are its own).
+    ``--connect`` or a TLS option without a URL is refused: there is no connector for it."""
+    from .config import MaskingFilter, load_config
+
+    for handler in logging.getLogger().handlers:  # passwords in URLs never reach the log
+        if not any(isinstance(f, MaskingFilter) for f in handler.filters):
+            handler.addFilter(MaskingFilter())
+    tls = {k: os.path.abspath(v) if k in TLS_OPTIONS[:5] else v for k, v in _tls_params(args).items()}
+    if not args.url and (tls or args.connect):
+        opts = ", ".join("--" + k.replace("_", "-") for k in (["connect"] if args.connect else []) + sorted(tls))
+        raise CommError(
+            CommError.BAD_CONFIG,
+            f"{opts} with --config but no URL: they apply to the URL's connector; for the file's connectors "
+            "put them in the file ([connector.tls], docs/configuration.md)",
+        )
+    overrides = []
+    if args.name:
+        overrides.append((("endpoint", "name"), args.name, "--name"))
+    if args.heartbeat is not None:
+        overrides.append((("manager", "heartbeat_interval"), args.heartbeat, "--heartbeat"))
+    extra = []
+    if args.url:
+        mode = Mode.ACTIVE if args.connect else Mode.PASSIVE
+        extra.append({"url": args.url, "mode": mode.value, "tls": tls, "origin": "command line URL"})
+    return load_config(args.config, overrides=overrides, connectors=extra).build()
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     if args.config:
-        from .config import load_config
-
-        given = sorted(k for k in TLS_OPTIONS if getattr(args, k, None))
-        if given:
-            opts = ", ".join("--" + k.replace("_", "-") for k in given)
-            _progress(f"sfm serve: {opts} with --config: put TLS files in the connector's params")
-            return 2
-        manager, handles = load_config(args.config).build()
+        manager, handles = _serve_config(args)
     else:
         if not args.url or not args.name:
             _progress("sfm serve: give URL and --name, or --config FILE")
@@ -330,10 +354,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     _out(_listening_line(name, connector, manager.wait_listening(handle, 10)))
                 except CommError as e:
                     why = _listen_failure(connector) if connector.error is not None else e.message
-                    _progress(f"sfm serve: cannot listen on {url}: {why}")
+                    from .config import mask
+
+                    _progress(mask(f"sfm serve: cannot listen on {url}: {why}"))
                     return 1
             else:
-                _progress(f"{name} connecting to {url} (its state changes follow on stdout)")
+                from .config import mask
+
+                _progress(f"{name} connecting to {mask(str(url))} (its state changes follow on stdout)")
         return _wait_for_signal(manager)
     finally:
         manager.stop()
@@ -677,7 +705,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("serve", "run an endpoint")
     p.add_argument("url", nargs="?", help="listen URL (e.g. tcp://0:8002), or with --connect the URL to connect to")
     p.add_argument("--name", help="local endpoint name")
-    p.add_argument("--config", metavar="FILE", help="a TOML file with the endpoint and its connectors")
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="a TOML file with the endpoint and its connectors (docs/configuration.md); with it, --name and "
+        "--heartbeat override the file's, a URL adds a connector",
+    )
     p.add_argument("--connect", action="store_true", help="connect to URL instead of listening")
     p.add_argument("--echo", type=APP_ID, metavar="APP_ID", help="echo DATA on APP_ID back to its sender")
     p.add_argument("--heartbeat", type=_positive(float), metavar="S", help="heartbeat interval in seconds (default 30)")
@@ -716,6 +749,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", metavar="PATH", help="also write results as JSON")
     p.set_defaults(func=cmd_bench)
+
+    from .config_cli import add_command as add_config
+
+    add_config(sub, _HelpFormatter)
 
     # Its module imports pytest only when the command runs: plain `sfm` use does not need it.
     from .testing.command import add_command as add_conformance

@@ -115,6 +115,22 @@ class ConnManager(ConnMonitor):
             self._dispatcher.run_soon,
         )
 
+    @classmethod
+    def from_config(
+        cls,
+        source: Any,
+        *,
+        environ: Any = None,
+        registry: DriverRegistry | None = None,
+    ) -> ConnManager:
+        """The ConnManager a configuration describes (a TOML file's path, or a mapping in the
+        same shape), with the environment's overrides (``environ``, default ``os.environ``)
+        and every connector added; not started. Raises ``sfm_core.config.ConfigError``
+        (``CommError(BAD_CONFIG)``) listing every mistake. See ``docs/configuration.md``."""
+        from .config import manager_from_config
+
+        return manager_from_config(source, environ=environ, registry=registry)
+
     # -- connectors ----------------------------------------------------------------------
 
     def add_connector(self, driver: Driver | str, params: dict | None, mode: Mode) -> str:
