@@ -399,12 +399,12 @@ def env_overrides(environ: Mapping[str, str] | None = None) -> tuple[list[tuple[
         parts = [p.lower() for p in var[len(ENV_PREFIX) :].split(ENV_SEPARATOR)]
         section = parts[0]
         if section not in SECTIONS or len(parts) < 2 or not all(parts):
-            hint = _did_you_mean(section, SECTIONS)
+            hint = _did_you_mean(section.upper(), [s.upper() for s in SECTIONS])
             problems.append(
                 Problem(
                     "",
                     f"not a configuration override: expected SFM_<SECTION>__<KEY> with a section of "
-                    f"{', '.join(s.upper() for s in SECTIONS)}, found section {section.upper()!r}{hint.upper()}",
+                    f"{', '.join(s.upper() for s in SECTIONS)}, found section {section.upper()!r}{hint}",
                     f"environment {var}",
                 )
             )
