@@ -95,3 +95,15 @@ def test_the_example_of_each_scheme_is_accepted(scheme: str, tmp_path: Path, cap
 def test_example_of_an_unknown_scheme_exits_2(capsys) -> None:
     assert main(["config", "example", "--scheme", "quic"]) == 2
     assert "no driver for scheme 'quic'" in capsys.readouterr().err
+
+
+def test_the_reference_names_every_key() -> None:
+    from sfm_core.config import SECTIONS, TLS_KEYS
+
+    doc = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text()
+    for section, keys in SECTIONS.items():
+        assert f"[{section}]" in doc or f"[[{section}]]" in doc
+        for key in keys:
+            assert f"`{key.name}`" in doc, (section, key.name)
+    for key in TLS_KEYS:
+        assert f"`{key}`" in doc or f"`{key}`," in doc, key
