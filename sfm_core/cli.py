@@ -26,6 +26,7 @@ from .conn_manager import ConnManager
 from .driver import Mode
 from .endpoint import Endpoint, EndpointMonitor, EndpointState
 from .errors import CommError, HandshakeRefused
+from .listen_url import free_listen_url
 from .message import Message, MessageReceiver
 from .registry import get_registry
 from .tls import SECURE_SCHEMES as _SECURE
@@ -517,8 +518,11 @@ def _demo_scheme(scheme: str, tls: tuple[dict, dict] = ({}, {})) -> dict:
 
     server.register_message_receiver(1, Collect("server", server))
     client.register_message_receiver(1, Collect("client", None))
+    # A driver says how it listens on a free address (a path-based one: a socket file).
+    tmpdir = tempfile.mkdtemp(prefix="sfm-demo-")
     try:
-        handle = server.add_connector(f"{scheme}://127.0.0.1:0", dict(tls[0]), Mode.PASSIVE)
+        listen = free_listen_url(get_registry().get_driver_class(scheme), scheme, tmpdir)
+        handle = server.add_connector(listen, dict(tls[0]), Mode.PASSIVE)
         server.start()
         url = server.wait_listening(handle, 10)
         t0 = time.perf_counter()
@@ -563,6 +567,7 @@ def _demo_scheme(scheme: str, tls: tuple[dict, dict] = ({}, {})) -> dict:
     finally:
         client.stop()
         server.stop()
+        shutil.rmtree(tmpdir, ignore_errors=True)
 
 
 DEMO_LEGEND = (
@@ -758,6 +763,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .testing.command import add_command as add_conformance
 
     add_conformance(sub)
+
+    from .scaffold import add_command as add_new_driver
+
+    add_new_driver(sub)
     return ap
 
 

@@ -337,3 +337,29 @@ def test_sfm_conformance_is_a_command_of_sfm(capsys) -> None:
         main(["conformance", "--help"])
     assert exit_.value.code == 0
     assert "conformance suite" in capsys.readouterr().out
+
+
+def test_demo_runs_a_path_based_driver(monkeypatch, capsys) -> None:
+    """issue 9: the demo hard-coded SCHEME://127.0.0.1:0; a driver now says how it listens on
+    a free address (capabilities()["listen_url"]), so the UDS example runs in the demo."""
+    from pathlib import Path
+
+    from sfm_core import get_plugin_manager, hookimpl
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent.parent / "docs" / "examples" / "sfm-driver-uds"))
+    uds = pytest.importorskip("sfm_driver_uds")
+
+    class Serves:
+        @hookimpl
+        def sfm_driver_classes(self):
+            return {"udsdemo": uds.UdsDriver}
+
+    plugin = Serves()
+    get_plugin_manager().register(plugin, name="uds-for-the-demo")
+    try:
+        monkeypatch.setenv("SFM_DEMO_SCHEMES", "udsdemo")
+        assert main(["demo", "--json"]) == 0
+    finally:
+        get_plugin_manager().unregister(plugin)
+    [result] = json.loads(capsys.readouterr().out)["results"]
+    assert result["scheme"] == "udsdemo" and result["ok"]
