@@ -874,9 +874,16 @@ def _connector(
     mode = Mode(mode_text)
     params = {**from_url, **tls_given, **params_given}
     scheme = params["scheme"]
+    try:
+        driver = registry.create_driver(scheme)
+    except CommError as e:
+        hint = "" if OFFICIAL_PACKAGES.get(scheme) else _did_you_mean(scheme, _known_schemes(registry))
+        found.add(url_path, f"{e.message}{hint}")
+        return None
     # A port out of range given as a param, and a URL without a port (caught now, not at connect).
-    if "port" in params_given:
-        pass  # the driver's check names it
+    # A transport without ports (a socket file) says so with a listen_url template (sfm_core/listen_url.py).
+    if "port" in params_given or _portless(driver):
+        pass  # the driver's own check names a bad one
     elif from_url.get("port") is None:
         found.add(
             url_path, f"expected a port in the URL (e.g. {scheme}://{from_url.get('host') or 'HOST'}:8002), found none"
@@ -885,12 +892,6 @@ def _connector(
         found.add(
             url_path, "expected the port the peer listens on, found port 0 (an active connector needs a real one)"
         )
-    try:
-        driver = registry.create_driver(scheme)
-    except CommError as e:
-        hint = "" if OFFICIAL_PACKAGES.get(scheme) else _did_you_mean(scheme, _known_schemes(registry))
-        found.add(url_path, f"{e.message}{hint}")
-        return None
     unreadable = _tls_files(params, where, base, found, url_path)
     params.setdefault("max_frame_size", manager.get("max_frame_size", fr.MAX_FRAME_SIZE))
     for message in connector_errors(driver, params, mode):
@@ -898,6 +899,13 @@ def _connector(
             continue  # already reported by name
         found.add(_pin(message, where, url_path), message)
     return ConnectorConfig(url, mode, {k: v for k, v in params.items() if k in params_given or k in tls_given})
+
+
+def _portless(driver: Any) -> bool:
+    try:
+        return bool(driver.capabilities().get("listen_url"))
+    except Exception:
+        return False
 
 
 def _tls_files(params: dict, where: dict[str, tuple], base: Path, found: _Collector, url_path: tuple) -> list[str]:

@@ -389,3 +389,31 @@ def test_serve_with_a_bad_config_exits_2_with_every_error(tmp_path: Path) -> Non
     )
     assert out.returncode == 2
     assert "manager.lingr: unknown key" in out.stderr and "no [[connector]]" in out.stderr
+
+
+def test_a_transport_without_ports_needs_none(tmp_path: Path) -> None:
+    from sfm_core.driver import Driver
+    from sfm_core.registry import DriverRegistry
+
+    class PathDriver(Driver):
+        SFM_DRIVER_CONTRACT = 1
+
+        @staticmethod
+        def supported_transports() -> list[str]:
+            return ["pathx"]
+
+        @staticmethod
+        def capabilities() -> dict:
+            return {"listen_url": "{scheme}://{tmpdir}/sfm.sock"}
+
+        def listen(self, connector) -> None:  # pragma: no cover - never started
+            pass
+
+        def connect(self, connector) -> None:  # pragma: no cover - never started
+            pass
+
+    registry = DriverRegistry()
+    registry.register("pathx", PathDriver)
+    text = HEAD + f'[[connector]]\nurl = "pathx://{tmp_path}/s.sock"\nmode = "passive"\n'
+    config, found = check_config(write(tmp_path, text), environ={}, registry=registry)
+    assert not found and config is not None
