@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import collections
 import itertools
 import logging
 import struct
-import threading
-import time
 from typing import Any
 
 import grpc
 from sfm_core import CommError, Connection, ConnectorInfo
 from sfm_core.frames import PREFIX_LEN, check_prefix
+from sfm_core.send_queue import SendQueue
 
 from . import wire
 
@@ -25,6 +23,11 @@ BATCH_EXTENSION = "grpc-batch"
 _LEN_AND_HEADER_LEN = struct.Struct(">IH")
 #: How long a client's close waits for the server to end the call after our last message.
 _GRACEFUL_CLOSE = 2.0
+
+
+def _data_len(item: tuple[bytes, int]) -> int:
+    """The SFM bytes of a queued (message, envelope length): what counts in a batch."""
+    return len(item[0]) - item[1]
 
 
 class GrpcConnection(Connection):
@@ -78,20 +81,14 @@ class GrpcConnection(Connection):
         self._batch_bytes = batch_bytes
         self._seq = 0
         self._seqs = itertools.count(1)  # next() is atomic: send_frame and send_urgent share it
-        self._lock = threading.Lock()
-        self._room = threading.Condition(self._lock)
-        self._queue: collections.deque = collections.deque()
-        self._queued_bytes = 0
-        self._urgent: collections.deque = collections.deque()  # control frames, written before _queue
-        self._writing = False  # the writer task awaits a write of what it took
-        self._drained = threading.Condition(self._lock)  # both queues empty, nothing being written
-        self._dropped = 0  # frames accepted and never written (the connection ended first)
-        self._send_waiters = 0
-        self._wake_pending = True  # until the writer task runs and finds the queue empty
+        # (serialized Frame, envelope length) items; control frames from send_urgent go first.
+        # The writer task takes by itself when it starts: no wake-up until it finds it empty.
+        self._sendq: SendQueue = SendQueue(
+            send_queue_bytes, timeout=send_timeout, describe=self._describe, loop=loop, idle=False
+        )
         self._wake_fut: asyncio.Future | None = None
         self._paused = False
         self._resume_fut: asyncio.Future | None = None
-        self._closing = False
         self._bad_data: str | None = None
         self._ended: asyncio.Future | None = None
         #: gRPC messages and SFM frames moved so far (batching shows as frames > messages).
@@ -115,6 +112,26 @@ class GrpcConnection(Connection):
     def offered_extensions(self) -> tuple[str, ...]:
         return self._offer
 
+    def _describe(self) -> str:
+        return f"connection {self.name} to {self._peer}"
+
+    @property
+    def _queue(self) -> Any:
+        """The (message, envelope length) items queued and not yet written (tests, debugging)."""
+        return self._sendq.items
+
+    @property
+    def _queued_bytes(self) -> int:
+        return self._sendq.queued_bytes
+
+    @property
+    def _lock(self) -> Any:
+        return self._sendq.lock
+
+    @property
+    def _closing(self) -> bool:
+        return self._sendq.closed
+
     def get_conn_properties(self) -> dict:
         """``peer_addr`` as gRPC reports it (``ipv4:127.0.0.1:50051``), ``local_addr``, ``transport``
         (``grpc`` or ``grpcs``); on TLS also ``peer_cn``, ``tls_version``, ``tls_cipher`` (None:
@@ -125,23 +142,13 @@ class GrpcConnection(Connection):
 
     def send_frame(self, frame: Any) -> None:
         bufs = frame if isinstance(frame, list) else [frame]
-        if self._closing:
-            raise CommError(CommError.CLOSED, f"connection {self.name} to {self._peer} is closed")
+        if self._sendq.closed:  # before the copy below
+            raise CommError(CommError.CLOSED, f"{self._describe()} is closed")
         self._seq = next(self._seqs) & 0x7FFFFFFF
         data_len = sum(b.nbytes if isinstance(b, memoryview) else len(b) for b in bufs)
         env = wire.envelope(self._seq, data_len)
         msg = b"".join([env, *bufs])  # the one copy: gRPC needs one bytes object per message
-        size = len(msg)
-        with self._lock:
-            if self._queued_bytes and self._queued_bytes + size > self._send_queue_bytes:
-                self._wait_for_room(size)
-            if self._closing:
-                raise CommError(CommError.CLOSED, f"connection {self.name} to {self._peer} closed while sending")
-            self._queue.append((msg, len(env)))
-            self._queued_bytes += size
-            wake = not self._wake_pending
-            self._wake_pending = True
-        if wake:
+        if self._sendq.put((msg, len(env)), len(msg)):
             try:
                 self._loop.call_soon_threadsafe(self._wake_writer)
             except RuntimeError:  # loop closed under us: the connection is gone
@@ -153,16 +160,14 @@ class GrpcConnection(Connection):
         It goes out as a gRPC message of its own as soon as the write in progress (if any)
         completes: the next frame boundary. False once the connection is closing.
         """
-        if self._closing:
+        if self._sendq.closed:
             return False
         seq = next(self._seqs) & 0x7FFFFFFF
         msg = wire.encode(seq, [frame])  # the Frame envelope, as send_frame makes it
-        with self._lock:
-            if self._closing:
-                return False
-            self._urgent.append(msg)
-            wake = not self._wake_pending
-            self._wake_pending = True
+        try:
+            wake = self._sendq.put_urgent((msg, 0))
+        except CommError:  # closing
+            return False
         if wake:
             try:
                 self._loop.call_soon_threadsafe(self._wake_writer)
@@ -176,45 +181,7 @@ class GrpcConnection(Connection):
         Queued frames count one each, a write in progress one more. On the loop thread it does
         not wait (the loop is the writer). Once closed, it returns the frames dropped unsent.
         """
-        with self._lock:
-            if not self._closing and not self._is_loop_thread():
-                deadline = time.monotonic() + timeout
-                while not self._closing and self._pending_locked():
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        break
-                    self._drained.wait(left)
-            if self._closing:
-                return self._dropped
-            return self._pending_locked()
-
-    def _pending_locked(self) -> int:
-        return len(self._queue) + len(self._urgent) + (1 if self._writing else 0)
-
-    def _wait_for_room(self, size: int) -> None:
-        # Called with the lock held. Never block the loop thread itself: it is the writer.
-        if self._is_loop_thread():
-            if self._queued_bytes and self._queued_bytes + size > self._send_queue_bytes:
-                raise CommError(
-                    CommError.TIMEOUT,
-                    f"connection {self.name}: send queue full ({self._queued_bytes} bytes) and the sender is the "
-                    "event loop thread, which cannot wait for it to drain",
-                )
-            return
-        deadline = time.monotonic() + self._send_timeout
-        self._send_waiters += 1
-        try:
-            while not self._closing and self._queued_bytes and self._queued_bytes + size > self._send_queue_bytes:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise CommError(
-                        CommError.TIMEOUT,
-                        f"connection {self.name} to {self._peer}: {self._queued_bytes} bytes not taken by the peer "
-                        f"within {self._send_timeout} s",
-                    )
-                self._room.wait(left)
-        finally:
-            self._send_waiters -= 1
+        return self._sendq.drain(timeout)
 
     def _is_loop_thread(self) -> bool:
         try:
@@ -227,70 +194,35 @@ class GrpcConnection(Connection):
         if fut is not None and not fut.done():
             fut.set_result(None)
 
-    def _take(self) -> tuple[bytes, int, int] | None:
-        """Next message to write (several frames in one when batching is agreed), or None if idle.
-
-        Control frames from send_urgent come first, each alone (they are not counted in
-        ``_queued_bytes``). The writer counts as busy until it comes back for the next one.
-        """
-        with self._lock:
-            if self._urgent:
-                self._writing = True
-                return self._urgent.popleft(), 0, 1
-            q = self._queue
-            if not q:
-                self._wake_pending = False
-                self._writing = False
-                self._drained.notify_all()
-                return None
-            self._writing = True
-            msg, env_len = q.popleft()
-            size = len(msg)
-            if (
-                not q
-                or BATCH_EXTENSION not in self._extensions
-                or size - env_len >= self._batch_bytes
-                or len(q[0][0]) - q[0][1] >= self._batch_bytes
-            ):
-                return msg, size, 1
-            parts = [memoryview(msg)[env_len:]]
-            total = size - env_len
-            limit = self._batch_bytes
-            while q:
-                nxt, nxt_env = q[0]
-                n = len(nxt) - nxt_env
-                if total + n > limit:
-                    break
-                q.popleft()
-                parts.append(memoryview(nxt)[nxt_env:])
-                total += n
-                size += len(nxt)
-        if len(parts) == 1:
-            return msg, size, 1
-        return wire.encode(self._seq & 0x7FFFFFFF, parts), size, len(parts)
-
     async def _write_loop(self) -> None:
         write = self._stream.write
         loop = self._loop
         stats = self.stats
+        sendq = self._sendq
         while True:
-            item = self._take()
-            if item is None:
-                if self._closing:
+            # Control frames first, each a message of its own; then the next data message: several
+            # frames in one when batching is agreed and they fit in batch_bytes.
+            batch_bytes = self._batch_bytes if BATCH_EXTENSION in self._extensions else 0
+            batch = sendq.take(batch_bytes, measure=_data_len)
+            if not batch:
+                if sendq.closed:
                     return  # all written: the close goes on (a cancel here could cancel the call)
                 fut = self._wake_fut = loop.create_future()
                 await fut
                 continue
-            msg, accounted, nframes = item
-            await write(msg)
-            stats["messages_out"] += 1
-            stats["frames_out"] += nframes
-            with self._lock:
-                self._queued_bytes -= accounted
-                waiting = self._send_waiters
-                if waiting:
-                    self._room.notify_all()
-            if waiting:
+            for msg, _ in batch.urgent:
+                await write(msg)
+                stats["messages_out"] += 1
+                stats["frames_out"] += 1
+            items = batch.items
+            if len(items) == 1:
+                await write(items[0][0])
+            elif items:
+                await write(wire.encode(self._seq & 0x7FFFFFFF, [memoryview(m)[e:] for m, e in items]))
+            if items:
+                stats["messages_out"] += 1
+                stats["frames_out"] += len(items)
+            if sendq.done(batch):
                 # A sender waits for room, and the peer took a message: alive, only slow.
                 receiver = self.frame_receiver
                 if receiver is not None:
@@ -371,7 +303,7 @@ class GrpcConnection(Connection):
     async def run(self) -> None:
         """Serve the stream until it ends, fails or :meth:`close`; then tell the driver (loop thread)."""
         self._ended = self._loop.create_future()
-        if self._closing:
+        if self._sendq.closed:
             self._ended.set_result(None)
         reader = asyncio.ensure_future(self._guard(self._read_loop(), "receive"))
         writer = asyncio.ensure_future(self._guard(self._write_loop(), "send"))
@@ -437,16 +369,7 @@ class GrpcConnection(Connection):
             log.debug("connection %s: no graceful end of the stream: %s", self.name, e)
 
     def _mark_closing(self) -> None:
-        with self._lock:
-            self._closing = True
-            frames = len(self._queue)
-            nbytes = sum(len(m) for m, _ in self._queue)
-            urgent = len(self._urgent)
-            self._queue.clear()
-            self._urgent.clear()
-            self._dropped += frames
-            self._room.notify_all()
-            self._drained.notify_all()
+        frames, nbytes, urgent = self._sendq.drop()
         if frames:
             log.warning(
                 "connection %s to %s: closing with %d frame(s) (%d bytes) and %d control frame(s) not yet"
@@ -460,7 +383,7 @@ class GrpcConnection(Connection):
 
     def close(self) -> None:
         """End the stream (idempotent, any thread); the loop then calls ``remove_connection``."""
-        if self._closing:
+        if self._sendq.closed:
             return
         self._mark_closing()
         if self._is_loop_thread():

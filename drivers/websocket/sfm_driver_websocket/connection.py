@@ -3,7 +3,7 @@
 No task or coroutine per connection and no per-message await: bytes from the socket go into
 ``websockets``' ``ServerProtocol``/``ClientProtocol`` (which does HTTP upgrade, framing, masking,
 ping/pong and close), and each whole binary message is checked with ``sfm_core.frames`` and
-handed to the core in batches. Sends come from user threads into a per-connection deque; one
+handed to the core in batches. Sends come from user threads into a per-connection SendQueue; one
 ``call_soon_threadsafe`` wakes the loop per batch, not per frame.
 """
 
@@ -14,8 +14,6 @@ import logging
 import secrets
 import struct
 import threading
-import time
-from collections import deque
 from typing import Any
 
 from websockets.exceptions import InvalidMessage, PayloadTooBig
@@ -26,6 +24,7 @@ from websockets.server import ServerProtocol
 
 from sfm_core import CommError, Connection, ConnectorInfo
 from sfm_core.frames import HANDSHAKE_MAX_FRAME, PREFIX_LEN, check_prefix
+from sfm_core.send_queue import SendQueue
 from sfm_core.tls import TlsSettings, peer_properties
 from sfm_core.url import host_port
 
@@ -130,17 +129,10 @@ class WebSocketConnection(Connection, asyncio.Protocol):
         self._early: list = []  # client side: frames that came before add_connection
         self._loop_tid = -1
 
-        # Send side, shared with user threads under _lock.
-        self._lock = threading.Lock()
-        self._room = threading.Condition(self._lock)
-        self._queue: deque = deque()
-        self._queued_bytes = 0
-        self._urgent: list = []  # encoded control frames from send_urgent, written before _queue
-        self._send_waiters = 0  # senders blocked in send_frame above high_water
-        self._dropped = 0  # frames accepted and never written (the connection ended first)
-        self._flush_pending = False
-        self._write_paused = False
-        self._closing = False  # no more sends accepted
+        # Send side: frames from user threads (and encoded control frames from send_urgent,
+        # written first) until _flush writes them on the loop; closed: no more sends accepted.
+        self._sendq: SendQueue = SendQueue(high_water, timeout=send_timeout, describe=self._describe, loop=loop)
+        self._write_paused = False  # loop thread only
         self._close_after_flush = False  # close() asked: send the Close once the queue is written
         # Reading: the core's wish (pause_reading/resume_reading, any thread) and our own hold
         # (client side, until add_connection); the transport reads only when neither says stop.
@@ -149,6 +141,22 @@ class WebSocketConnection(Connection, asyncio.Protocol):
         _first_message_limit(proto, max_frame_size)
 
     # -- properties ------------------------------------------------------------------------
+
+    def _describe(self) -> str:
+        return f"connection {self.name} to {host_port(self._peer)}"
+
+    @property
+    def _queue(self) -> Any:
+        """The data frames queued and not yet written (for tests and debugging)."""
+        return self._sendq.items
+
+    @property
+    def _queued_bytes(self) -> int:
+        return self._sendq.queued_bytes
+
+    @property
+    def _lock(self) -> Any:
+        return self._sendq.lock
 
     def get_conn_properties(self) -> dict:
         """``peer_addr``/``local_addr`` as ``host:port`` strings, the WebSocket ``path``, and on
@@ -253,13 +261,10 @@ class WebSocketConnection(Connection, asyncio.Protocol):
         self.driver._on_lost(self)
 
     def pause_writing(self) -> None:
-        with self._lock:
-            self._write_paused = True
+        self._write_paused = True
 
     def resume_writing(self) -> None:
-        with self._lock:
-            self._write_paused = False
-            self._room.notify_all()
+        self._write_paused = False
         # The peer took bytes we had to wait for: it is alive, only slow.
         self._bytes_sent()
         self._flush(notify=False)
@@ -286,8 +291,7 @@ class WebSocketConnection(Connection, asyncio.Protocol):
         )
         self._reason_logged = True
         self._responded = True
-        with self._lock:
-            self._closing = True
+        self._sendq.close()
         if self.transport is not None:
             self.transport.write(_BAD_REQUEST)
             self.transport.close()
@@ -397,10 +401,7 @@ class WebSocketConnection(Connection, asyncio.Protocol):
                 break
             else:
                 if opcode is Opcode.CLOSE:
-                    if not self._closing:
-                        with self._lock:
-                            self._closing = True
-                            self._room.notify_all()
+                    self._sendq.close()
                     # The protocol answers; a peer that then never closes TCP must not keep us open.
                     self._start_close_timer()
                 continue  # ping/pong/close: the protocol answers them
@@ -436,9 +437,7 @@ class WebSocketConnection(Connection, asyncio.Protocol):
     def _fail(self, code: int, reason: str) -> None:
         """Close this connection (only) because of what the peer sent, logging why."""
         self._log_reason(reason)
-        with self._lock:
-            self._closing = True
-            self._room.notify_all()
+        self._sendq.close()
         if self.proto.state is OPEN:
             self.proto.fail(code, reason[:120])
         self._write_out()
@@ -506,33 +505,9 @@ class WebSocketConnection(Connection, asyncio.Protocol):
                 chunks: list = []
                 self._encode_data_frame(bufs, chunks, copy=True)
                 bufs = tuple(chunks)  # a tuple: already encoded (see _flush)
-        deadline = None
-        with self._lock:
-            while True:
-                if self._closing:
-                    raise CommError(CommError.CLOSED, f"connection {self.name} to {host_port(self._peer)} is closed")
-                # One frame may always go when nothing is queued, however big it is.
-                if not self._queued_bytes or self._queued_bytes + size <= self.high_water:
-                    break
-                now = time.monotonic()
-                if deadline is None:
-                    deadline = now + self.send_timeout
-                elif now >= deadline:
-                    raise CommError(
-                        CommError.TIMEOUT,
-                        f"connection {self.name} to {host_port(self._peer)}: "
-                        f"peer took nothing for {self.send_timeout} s",
-                    )
-                self._send_waiters += 1
-                try:
-                    self._room.wait(min(deadline - now, 1.0))
-                finally:
-                    self._send_waiters -= 1
-            self._queue.append(bufs)
-            self._queued_bytes += size
-            if self._flush_pending:
-                return
-            self._flush_pending = True
+        # One frame may always go when nothing is queued, however big it is.
+        if not self._sendq.put(bufs, size):
+            return  # a flush is already on its way
         try:
             self.loop.call_soon_threadsafe(self._flush)
         except RuntimeError:  # loop closed under us
@@ -549,13 +524,11 @@ class WebSocketConnection(Connection, asyncio.Protocol):
         chunks: list = []
         self._encode_data_frame([frame], chunks, copy=True)
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        with self._lock:
-            if self._closing:
-                return False
-            self._urgent.append(data)
-            if self._flush_pending:
-                return True
-            self._flush_pending = True
+        try:
+            if not self._sendq.put_urgent(data):
+                return True  # a flush is already on its way
+        except CommError:  # closing
+            return False
         try:
             self.loop.call_soon_threadsafe(self._flush)
         except RuntimeError:  # loop closed under us: the connection is gone
@@ -572,7 +545,7 @@ class WebSocketConnection(Connection, asyncio.Protocol):
         if threading.get_ident() == self._loop_tid or self.lost.is_set():
             return self._unsent()
         done = threading.Event()
-        left = [self._queued_count()]
+        left = [self._sendq.pending()]
         stop = [False]
 
         def check() -> None:
@@ -585,20 +558,16 @@ class WebSocketConnection(Connection, asyncio.Protocol):
         try:
             self.loop.call_soon_threadsafe(check)
         except RuntimeError:  # the loop is closed: nothing more will be written
-            return left[0] + self._dropped
+            return left[0] + self._sendq.dropped
         if not done.wait(max(timeout, 0.0)):
             stop[0] = True
         return left[0]
 
-    def _queued_count(self) -> int:
-        with self._lock:
-            return len(self._queue) + len(self._urgent)
-
     def _unsent(self) -> int:
         """Frames accepted and not yet in the kernel (loop thread, or after the loss)."""
         if self.lost.is_set():
-            return self._dropped
-        n = self._queued_count()
+            return self._sendq.dropped
+        n = self._sendq.pending()
         transport = self.transport
         if transport is not None and transport.get_write_buffer_size():
             n += 1
@@ -606,17 +575,8 @@ class WebSocketConnection(Connection, asyncio.Protocol):
 
     def _drop_unsent(self, why: str, buffered: int = 0) -> None:
         """Stop accepting sends and forget what is queued, with a WARNING if that was anything."""
-        with self._lock:
-            self._closing = True
-            frames = len(self._queue)
-            nbytes = self._queued_bytes
-            urgent = len(self._urgent)
-            self._queue.clear()
-            self._queued_bytes = 0
-            self._urgent = []
-            self._room.notify_all()
         # The transport buffer holds (the end of) at least one frame, maybe only the Close.
-        self._dropped += frames + (1 if buffered else 0)
+        frames, nbytes, urgent = self._sendq.drop(extra=1 if buffered else 0)
         if frames or buffered or urgent:
             log.warning(
                 "connection %s to %s: %s: dropped unsent %d queued frame(s) (%d bytes), %d bytes of the"
@@ -631,25 +591,15 @@ class WebSocketConnection(Connection, asyncio.Protocol):
             )
 
     def _flush(self, notify: bool = True) -> None:
-        with self._lock:
-            self._flush_pending = False
-            urgent = self._urgent
-            if urgent:
-                self._urgent = []
-            queue = None
-            released = False
-            if not self._write_paused:
-                queue = self._queue
-                if queue:
-                    self._queue = deque()
-                    self._queued_bytes = 0
-                    released = self._send_waiters > 0
-                    self._room.notify_all()
+        # Everything queued, unless writing is paused: then only the control frames.
+        paused = self._write_paused
+        batch = self._sendq.take(data=not paused, release=True, idle=True)
+        urgent = batch.urgent
+        queue = None if paused else batch.items
+        released = batch.waiters and bool(queue)
         if self.proto.state is not OPEN or self.transport is None:
             if queue:
-                with self._lock:
-                    self._closing = True
-                self._dropped += len(queue)
+                self._sendq.drop(extra=len(queue))
                 log.warning(
                     "connection %s to %s: %d frame(s) dropped unsent: the WebSocket is closing (%s)",
                     self.name,
@@ -763,9 +713,7 @@ class WebSocketConnection(Connection, asyncio.Protocol):
 
     def close(self) -> None:
         """Start the WebSocket close (any thread, idempotent); the driver then removes it."""
-        with self._lock:
-            self._closing = True
-            self._room.notify_all()
+        self._sendq.close()
         if not self.lost.is_set():
             self._call(self._close_on_loop)
 
@@ -788,9 +736,7 @@ class WebSocketConnection(Connection, asyncio.Protocol):
         """Drop the connection now (loop thread), with a WARNING if frames are dropped unsent."""
         transport = self.transport
         if transport is None or self.lost.is_set():
-            with self._lock:
-                self._closing = True
-                self._room.notify_all()
+            self._sendq.close()
             return
         self._drop_unsent(why, transport.get_write_buffer_size())
         transport.abort()
