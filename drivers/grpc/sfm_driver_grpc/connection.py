@@ -5,12 +5,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import struct
 from typing import Any
 
 import grpc
 from sfm_core import CommError, Connection, ConnectorInfo
-from sfm_core.frames import PREFIX_LEN, check_prefix
+from sfm_core.frame_check import MessageFrames
 from sfm_core.send_queue import SendQueue
 
 from . import wire
@@ -20,7 +19,6 @@ log = logging.getLogger(__name__)
 #: The extension name for several SFM frames in one ``Frame.data`` (see docs/drivers/grpc.md).
 BATCH_EXTENSION = "grpc-batch"
 
-_LEN_AND_HEADER_LEN = struct.Struct(">IH")
 #: How long a client's close waits for the server to end the call after our last message.
 _GRACEFUL_CLOSE = 2.0
 
@@ -74,11 +72,11 @@ class GrpcConnection(Connection):
         self._peer = peer_addr
         self._local = local_addr
         self._props = {"peer_addr": peer_addr, "local_addr": local_addr, "transport": transport, **(tls_props or {})}
-        self._max_frame_size = max_frame_size
         self._send_timeout = send_timeout
         self._send_queue_bytes = send_queue_bytes
         self._offer = (BATCH_EXTENSION,) if batch else ()
         self._batch_bytes = batch_bytes
+        self._frames = MessageFrames(max_frame_size, what="Frame.data")
         self._seq = 0
         self._seqs = itertools.count(1)  # next() is atomic: send_frame and send_urgent share it
         # (serialized Frame, envelope length) items; control frames from send_urgent go first.
@@ -237,31 +235,7 @@ class GrpcConnection(Connection):
 
     def split(self, message: bytes | memoryview) -> list:
         """The SFM frame(s) in one serialized ``Frame``; ``CommError(BAD_DATA)`` naming what is wrong."""
-        _seq, data = wire.decode(message)
-        n = data.nbytes
-        if n < PREFIX_LEN:
-            raise CommError(CommError.BAD_DATA, f"Frame.data of {n} bytes is shorter than the 16-byte SFM prefix")
-        length, header_len = _LEN_AND_HEADER_LEN.unpack_from(data, 0)
-        check_prefix(length, header_len, self._max_frame_size)
-        if length == n:
-            return [data]
-        if length > n or not self._accept_batch():
-            raise CommError(CommError.BAD_DATA, f"frame length field says {length} bytes but Frame.data has {n}")
-        frames = []
-        pos = 0
-        while pos < n:
-            if n - pos < PREFIX_LEN:
-                raise CommError(CommError.BAD_DATA, f"batched Frame.data ends with {n - pos} bytes, not a whole frame")
-            length, header_len = _LEN_AND_HEADER_LEN.unpack_from(data, pos)
-            check_prefix(length, header_len, self._max_frame_size)
-            if pos + length > n:
-                raise CommError(
-                    CommError.BAD_DATA,
-                    f"batched frame at offset {pos} says {length} bytes but only {n - pos} are left in Frame.data",
-                )
-            frames.append(data[pos : pos + length])
-            pos += length
-        return frames
+        return self._frames.split(wire.decode(message)[1], self._accept_batch())
 
     async def _read_loop(self) -> None:
         read = self._stream.read

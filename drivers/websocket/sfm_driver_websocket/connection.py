@@ -2,7 +2,7 @@
 
 No task or coroutine per connection and no per-message await: bytes from the socket go into
 ``websockets``' ``ServerProtocol``/``ClientProtocol`` (which does HTTP upgrade, framing, masking,
-ping/pong and close), and each whole binary message is checked with ``sfm_core.frames`` and
+ping/pong and close), and each whole binary message is checked with ``sfm_core.frame_check`` and
 handed to the core in batches. Sends come from user threads into a per-connection SendQueue; one
 ``call_soon_threadsafe`` wakes the loop per batch, not per frame.
 """
@@ -23,7 +23,8 @@ from websockets.protocol import CLOSED, OPEN, Protocol
 from websockets.server import ServerProtocol
 
 from sfm_core import CommError, Connection, ConnectorInfo
-from sfm_core.frames import HANDSHAKE_MAX_FRAME, PREFIX_LEN, check_prefix
+from sfm_core.frame_check import MessageFrames
+from sfm_core.frames import HANDSHAKE_MAX_FRAME
 from sfm_core.send_queue import SendQueue
 from sfm_core.tls import TlsSettings, peer_properties
 from sfm_core.url import host_port
@@ -32,7 +33,6 @@ from .tls import TLS_HANDSHAKE_RECORD, describe_tls_error, secure_scheme
 
 log = logging.getLogger(__name__)
 
-_LEN_AND_HEADER_LEN = struct.Struct(">IH")
 _HDR16 = struct.Struct("!BBH")
 _HDR64 = struct.Struct("!BBQ")
 # Frames below this size are joined into one buffer (cheaper than a write each); larger payload
@@ -138,6 +138,9 @@ class WebSocketConnection(Connection, asyncio.Protocol):
         # (client side, until add_connection); the transport reads only when neither says stop.
         self._core_paused = False
         self._held = False
+        # Each message one whole frame. websockets' parser bounds the first message (the
+        # handshake) already, before it is buffered: see _first_message_limit.
+        self._frames = MessageFrames(max_frame_size, what="the WebSocket message")
         _first_message_limit(proto, max_frame_size)
 
     # -- properties ------------------------------------------------------------------------
@@ -405,11 +408,11 @@ class WebSocketConnection(Connection, asyncio.Protocol):
                     # The protocol answers; a peer that then never closes TCP must not keep us open.
                     self._start_close_timer()
                 continue  # ping/pong/close: the protocol answers them
-            problem = _check_message(message, self.max_frame_size)
-            if problem is not None:
-                self._fail(CloseCode.INVALID_DATA, problem)
+            try:
+                frames.append(self._frames.one(message))
+            except CommError as e:
+                self._fail(CloseCode.INVALID_DATA, str(e.message))
                 break
-            frames.append(message)
         if frames and not self.added:
             self._early.extend(frames)
         elif frames:
@@ -760,18 +763,3 @@ class WebSocketConnection(Connection, asyncio.Protocol):
             self.loop.call_soon_threadsafe(fn, *args)
         except RuntimeError:  # the loop is closed: the transport is gone with it
             pass
-
-
-def _check_message(message: Any, max_frame_size: int) -> str | None:
-    """Why ``message`` is not one well-formed SFM frame, or None if it is."""
-    size = len(message)
-    if size < PREFIX_LEN:
-        return f"binary message of {size} bytes is shorter than the 16-byte SFM prefix"
-    length, header_len = _LEN_AND_HEADER_LEN.unpack_from(message)
-    try:
-        check_prefix(length, header_len, max_frame_size)
-    except CommError as e:
-        return f"bad SFM frame: {e.message}"
-    if length != size:
-        return f"bad SFM frame: length field says {length} bytes but the WebSocket message has {size}"
-    return None
