@@ -1,6 +1,7 @@
-"""The driver toolkit of the core: host bracketing (sfm_core.url.host_port), the bounded send
-queue (sfm_core.send_queue), whole-frame checks for message transports (sfm_core.frame_check)
-and the asyncio driver base (sfm_core.aio_driver)."""
+"""The driver toolkit of the core (docs/plugins.md, "Toolkit"): host bracketing
+(sfm_core.url.host_port), the bounded send queue (sfm_core.send_queue), whole-frame checks for
+message transports (sfm_core.frame_check) and the asyncio driver base with wait_closed()
+(sfm_core.aio_driver)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sfm_core import CommError
+from sfm_core.aio_driver import AioConnection, AioDriver
 from sfm_core.frame_check import MessageFrames
 from sfm_core.frames import MAX_FRAME_SIZE, FrameType, decode_frame, encode_frame
 from sfm_core.send_queue import SendQueue
@@ -377,3 +379,139 @@ def test_any_change_to_a_length_or_the_size_is_refused_or_still_whole_frames(fra
     for f in out:
         length, header_len = struct.unpack_from(">IH", f)
         assert length == len(f) and 16 + header_len <= length
+
+
+# -- AioDriver and AioConnection -------------------------------------------------------------
+
+
+class _Conn(AioConnection):
+    def __init__(self) -> None:
+        super().__init__(None)
+        self.closes = 0
+
+    def get_conn_properties(self) -> dict:
+        return {}
+
+    def send_frame(self, frame) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closes += 1
+        self.set_closed()
+
+
+class _Driver(AioDriver):
+    DRIVER_NAME = "toy driver"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tasks: set = set()
+
+    @staticmethod
+    def supported_transports() -> list[str]:
+        return ["toy"]
+
+    @staticmethod
+    def capabilities() -> dict:
+        return {}
+
+    def listen(self, connector) -> None:
+        self.acquire()
+        try:
+            self.wait_stopping()
+        finally:
+            self.release()
+
+    def connect(self, connector) -> None:
+        raise NotImplementedError
+
+    def shutdown_on_loop(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        super().shutdown_on_loop()
+
+
+def test_wait_closed() -> None:
+    conn = _Conn()
+    assert not conn.closed and conn.wait_closed(0.01) is False
+    threading.Timer(0.02, conn.close).start()
+    assert conn.wait_closed(5) is True and conn.closed
+
+
+def test_shutdown_wakes_listen_and_releases_the_loop() -> None:
+    driver = _Driver()
+    t = threading.Thread(target=driver.listen, args=(None,))
+    t.start()
+    deadline = time.monotonic() + 5
+    while driver.loop_thread is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    assert not driver.stopping
+    driver.shutdown()
+    t.join(5)
+    assert not t.is_alive() and driver.stopping and driver.loop_thread is None
+
+
+def test_run_returns_raises_times_out_and_is_refused_after_shutdown() -> None:
+    driver = _Driver()
+    driver.acquire()
+    try:
+
+        async def value() -> int:
+            return 42
+
+        async def fails() -> None:
+            raise CommError(CommError.BAD_CONFIG, "no")
+
+        cancelled = threading.Event()
+
+        async def forever() -> None:
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+
+        assert driver.run(value(), 5) == 42
+        with pytest.raises(CommError) as e:
+            driver.run(fails(), 5)
+        assert e.value.code == CommError.BAD_CONFIG  # the coroutine's own error as it is
+        with pytest.raises(CommError) as e:
+            driver.run(forever(), 0.05, timeout_message="toy: no connection to [::1]:5 after 0.05 s")
+        assert e.value.code == CommError.TIMEOUT and "[::1]:5" in str(e.value)
+        assert cancelled.wait(5)  # a timed-out coroutine is cancelled on the loop
+
+        # shutdown cancels what the driver has in progress (shutdown_on_loop): CLOSED.
+        async def tracked() -> None:
+            driver.tasks.add(asyncio.current_task())
+            await asyncio.sleep(60)
+
+        out: list = []
+
+        def connect() -> None:
+            try:
+                driver.run(tracked(), 30)
+            except CommError as err:
+                out.append(err)
+
+        t = threading.Thread(target=connect)
+        t.start()
+        deadline = time.monotonic() + 5
+        while not driver.tasks:
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        live = _Conn()
+        driver._live.add(live)
+        driver.shutdown()
+        t.join(5)
+        assert out and out[0].code == CommError.CLOSED and "toy driver is shut down" in str(out[0])
+        assert live.wait_closed(5) and live.closes == 1  # shutdown_on_loop closed it
+        coro = value()
+        with pytest.raises(CommError) as e:
+            driver.run(coro, 5)
+        assert e.value.code == CommError.CLOSED
+        assert coro.cr_frame is None  # closed, never run (no "never awaited" warning)
+        with pytest.raises(CommError):
+            driver.check_running()
+    finally:
+        driver.release()

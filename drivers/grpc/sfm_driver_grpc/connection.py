@@ -8,7 +8,8 @@ import logging
 from typing import Any
 
 import grpc
-from sfm_core import CommError, Connection, ConnectorInfo
+from sfm_core import CommError, ConnectorInfo
+from sfm_core.aio_driver import AioConnection
 from sfm_core.frame_check import MessageFrames
 from sfm_core.send_queue import SendQueue
 
@@ -28,7 +29,7 @@ def _data_len(item: tuple[bytes, int]) -> int:
     return len(item[0]) - item[1]
 
 
-class GrpcConnection(Connection):
+class GrpcConnection(AioConnection):
     """An SFM connection on a bidirectional gRPC stream (server context or client call).
 
     Sending (any thread): the frame's buffers are joined once into a serialized ``Frame`` on
@@ -298,7 +299,10 @@ class GrpcConnection(Connection):
                 # thread and fds while any of its objects lives, so let go of them now, even
                 # when this task is cancelled again while cleaning up.
                 self._stream = self._channel = None
-                self._driver.remove_connection(self)
+                try:
+                    self._driver.remove_connection(self)
+                finally:
+                    self.set_closed()
 
     async def _guard(self, coro: Any, what: str) -> None:
         # Errors are logged here and not kept in the task: an exception's traceback would hold
@@ -367,6 +371,7 @@ class GrpcConnection(Connection):
             self._loop.call_soon_threadsafe(self._set_ended)
         except RuntimeError:  # the loop is gone, so is the stream
             self._driver.remove_connection(self)
+            self.set_closed()
 
     def _set_ended(self) -> None:
         fut = self._ended

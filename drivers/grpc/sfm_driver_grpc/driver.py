@@ -9,16 +9,15 @@ not the sync API: measured, see docs/drivers/grpc.md.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import ipaddress
 import logging
-import threading
 from typing import Any
 
 import grpc
 import sfm_core
-from sfm_core import CommError, ConnectorInfo, Driver, Mode
-from sfm_core.aio import LoopThread, acquire_loop, release_loop
+from sfm_core import CommError, ConnectorInfo, Mode
+from sfm_core.aio import LoopThread
+from sfm_core.aio_driver import AioDriver
 from sfm_core.driver_params import ACTIVE, PASSIVE, Param, parse_params
 from sfm_core.frames import MAX_FRAME_SIZE
 from sfm_core.tls import TlsSettings
@@ -172,7 +171,7 @@ def _conn_kwargs(params: dict) -> dict:
     }
 
 
-class GrpcDriver(Driver):
+class GrpcDriver(AioDriver):
     """gRPC, plaintext (``grpc://``) or TLS (``grpcs://``, or ``secure=true``). Params
     (:data:`PARAMS`, :meth:`parameters`): ``send_timeout``, ``connect_timeout`` (active),
     ``send_queue_bytes``, ``batch`` (offer the ``grpc-batch`` extension, default on),
@@ -186,12 +185,10 @@ class GrpcDriver(Driver):
 
     #: The driver contract this driver is written for (docs/plugins.md).
     SFM_DRIVER_CONTRACT = 1
+    DRIVER_NAME = DRIVER_NAME
 
     def __init__(self) -> None:
         super().__init__()
-        self._lock = threading.Lock()
-        self._stopping = False
-        self._stop_listen = threading.Event()
         #: TLS of each connector that uses it, by handle (reload_tls reloads them).
         self._tls: dict[str, GrpcTls] = {}
         #: The last connect failure reported at WARNING, by connector handle (not repeated each retry).
@@ -252,26 +249,6 @@ class GrpcDriver(Driver):
         for t in tls:
             t.reload()
 
-    # -- helpers -------------------------------------------------------------------------------
-
-    def _submit(self, lt: LoopThread, coro: Any) -> concurrent.futures.Future:
-        """Run ``coro`` on the loop, unless the driver is shut down."""
-        with self._lock:
-            if self._stopping:
-                coro.close()
-                raise CommError(CommError.CLOSED, "grpc driver is shut down")
-            return lt.submit(coro)
-
-    @staticmethod
-    def _wait(fut: concurrent.futures.Future, timeout: float | None = None) -> Any:
-        try:
-            return fut.result(timeout)
-        except concurrent.futures.CancelledError:
-            raise CommError(CommError.CLOSED, "grpc driver is shut down") from None
-        except concurrent.futures.TimeoutError:
-            fut.cancel()
-            raise CommError(CommError.TIMEOUT, f"grpc driver: no result within {timeout} s") from None
-
     # -- passive -------------------------------------------------------------------------------
 
     def listen(self, connector: ConnectorInfo) -> None:
@@ -284,11 +261,9 @@ class GrpcDriver(Driver):
         scheme = params["scheme"] or "grpc"
         if tls is not None:
             scheme = secure_scheme(scheme)  # also for secure=true on grpc://
-        lt = acquire_loop()
+        lt = self.acquire()
         try:
-            server, actual = self._wait(
-                self._submit(lt, self._start_server(lt, connector, host, port, kwargs, tls, options)), 30
-            )
+            server, actual = self.run(self._start_server(lt, connector, host, port, kwargs, tls, options), 30)
             try:
                 connector.listening(listening_url(scheme, params["host"], actual))
                 if tls is not None:
@@ -299,12 +274,12 @@ class GrpcDriver(Driver):
                     )
                 else:
                     log.info("grpc: listening on %s", host_port(host or "*", actual))
-                self._stop_listen.wait()
+                self.wait_stopping()
             finally:
                 # stop(0) cancels every handler, so each connection's run() ends and is removed.
                 lt.run(server.stop(0), timeout=30)
         finally:
-            release_loop()
+            self.release()
 
     async def _start_server(
         self,
@@ -366,19 +341,19 @@ class GrpcDriver(Driver):
         tls = self._tls_for(connector)
         override = params["ssl_target_name_override"]
         target = host_port(host, port)
-        lt = acquire_loop()
+        lt = self.acquire()
         try:
-            conn = self._wait(
-                self._submit(lt, self._open(lt, connector, target, timeout, kwargs, tls, override)), timeout + 10
-            )
+            # Not cancelled by shutdown(): _open watches self.stopping and closes its channel
+            # itself (cancelling could leak a channel on its way back).
+            conn = self.run(self._open(lt, connector, target, timeout, kwargs, tls, override), timeout + 10)
             # On this (connector) thread, so the core's HELLO is queued before the stream runs.
             self.add_connection(conn)
-            if self._stopping:  # shutdown() may have closed the others before this one was added
+            if self.stopping:  # shutdown() may have closed the others before this one was added
                 conn.close()
             # Not cancellable by shutdown(): close() ends run(), which closes the channel.
             lt.submit(conn.run()).result()
         finally:
-            release_loop()
+            self.release()
 
     async def _open(
         self,
@@ -409,7 +384,7 @@ class GrpcDriver(Driver):
         ok = False
         try:
             while True:
-                if self._stopping:
+                if self.stopping:
                     error = "the driver is shut down"
                     break
                 state = channel.get_state(try_to_connect=True)
@@ -422,7 +397,7 @@ class GrpcDriver(Driver):
                     error = f"not connected within {timeout} s"
                     break
                 await asyncio.sleep(0.005)
-            if not error and self._stopping:
+            if not error and self.stopping:
                 error = "the driver is shut down"
             ok = not error
         finally:
@@ -484,17 +459,6 @@ class GrpcDriver(Driver):
                 text,
             )
         return text
-
-    # -- stop ----------------------------------------------------------------------------------
-
-    def shutdown(self) -> None:
-        with self._lock:
-            self._stopping = True
-        self._stop_listen.set()
-        # Pending opens and server starts are not cancelled: they watch _stopping and end by
-        # themselves, closing what they made. Cancelling their futures could drop a channel
-        # or a started server already on its way back, and leak it.
-        super().shutdown()
 
 
 @sfm_core.hookimpl

@@ -22,7 +22,8 @@ from websockets.http11 import Request, Response
 from websockets.protocol import CLOSED, OPEN, Protocol
 from websockets.server import ServerProtocol
 
-from sfm_core import CommError, Connection, ConnectorInfo
+from sfm_core import CommError, ConnectorInfo
+from sfm_core.aio_driver import AioConnection
 from sfm_core.frame_check import MessageFrames
 from sfm_core.frames import HANDSHAKE_MAX_FRAME
 from sfm_core.send_queue import SendQueue
@@ -70,7 +71,7 @@ def _first_message_limit(proto: Protocol, later: int | None) -> None:
     proto.recv_frame = first_recv_frame  # type: ignore[method-assign]
 
 
-class WebSocketConnection(Connection, asyncio.Protocol):
+class WebSocketConnection(AioConnection, asyncio.Protocol):
     """A WebSocket connection carrying one SFM frame per binary message.
 
     Created by the driver on the shared loop, either for an accepted socket (server side: it
@@ -97,7 +98,7 @@ class WebSocketConnection(Connection, asyncio.Protocol):
         high_water: int,
         tls: TlsSettings | None = None,
     ) -> None:
-        Connection.__init__(self, connector)
+        AioConnection.__init__(self, connector)
         self.driver = driver
         self.loop = loop
         self.proto = proto
@@ -118,8 +119,6 @@ class WebSocketConnection(Connection, asyncio.Protocol):
         self._local: object = None
         #: Resolved (client side) when the upgrade completed, with an exception if it failed.
         self.opened: asyncio.Future | None = None
-        #: Set once the transport is gone (connection_lost ran).
-        self.lost = threading.Event()
         self.added = False  # handed to the core through add_connection
         self._timer: asyncio.TimerHandle | None = None
         self._reason_logged = False
@@ -147,6 +146,11 @@ class WebSocketConnection(Connection, asyncio.Protocol):
 
     def _describe(self) -> str:
         return f"connection {self.name} to {host_port(self._peer)}"
+
+    @property
+    def lost(self) -> threading.Event:
+        """Set once the transport is gone (connection_lost ran): :meth:`wait_closed`."""
+        return self._closed_event
 
     @property
     def _queue(self) -> Any:
@@ -258,10 +262,9 @@ class WebSocketConnection(Connection, asyncio.Protocol):
                 message = self._handshake_error("connection closed" if exc is None else f"connection closed: {exc}")
             opened.set_exception(CommError(CommError.CLOSED, message))
         self.driver._live.discard(self)
-        self.lost.set()
+        self.set_closed()  # the transport is gone (connection_lost ran)
         if self.added:
             self.driver.remove_connection(self)
-        self.driver._on_lost(self)
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -545,7 +548,7 @@ class WebSocketConnection(Connection, asyncio.Protocol):
         loop thread it does not wait (the loop is what writes). Once the connection is lost it
         returns the frames that were dropped unsent (0 if none).
         """
-        if threading.get_ident() == self._loop_tid or self.lost.is_set():
+        if threading.get_ident() == self._loop_tid or self.closed:
             return self._unsent()
         done = threading.Event()
         left = [self._sendq.pending()]
@@ -553,7 +556,7 @@ class WebSocketConnection(Connection, asyncio.Protocol):
 
         def check() -> None:
             left[0] = n = self._unsent()
-            if n == 0 or self.lost.is_set() or stop[0]:
+            if n == 0 or self.closed or stop[0]:
                 done.set()
                 return
             self.loop.call_later(_DRAIN_POLL, check)
@@ -568,7 +571,7 @@ class WebSocketConnection(Connection, asyncio.Protocol):
 
     def _unsent(self) -> int:
         """Frames accepted and not yet in the kernel (loop thread, or after the loss)."""
-        if self.lost.is_set():
+        if self.closed:
             return self._sendq.dropped
         n = self._sendq.pending()
         transport = self.transport
@@ -717,11 +720,11 @@ class WebSocketConnection(Connection, asyncio.Protocol):
     def close(self) -> None:
         """Start the WebSocket close (any thread, idempotent); the driver then removes it."""
         self._sendq.close()
-        if not self.lost.is_set():
+        if not self.closed:
             self._call(self._close_on_loop)
 
     def _close_on_loop(self) -> None:
-        if self.transport is None or self.lost.is_set():
+        if self.transport is None or self.closed:
             return
         proto = self.proto
         if proto.state is OPEN:
@@ -738,14 +741,14 @@ class WebSocketConnection(Connection, asyncio.Protocol):
     def abort(self, why: str = "aborted") -> None:
         """Drop the connection now (loop thread), with a WARNING if frames are dropped unsent."""
         transport = self.transport
-        if transport is None or self.lost.is_set():
+        if transport is None or self.closed:
             self._sendq.close()
             return
         self._drop_unsent(why, transport.get_write_buffer_size())
         transport.abort()
 
     def _start_close_timer(self) -> None:
-        if self._timer is None and self.transport is not None and not self.lost.is_set():
+        if self._timer is None and self.transport is not None and not self.closed:
             # A peer that never answers the close, or never reads, must not keep us open.
             self._timer = self.loop.call_later(self.close_timeout, self._close_timed_out)
 
@@ -754,7 +757,7 @@ class WebSocketConnection(Connection, asyncio.Protocol):
         self.abort(f"not closed within close_timeout {self.close_timeout} s")
 
     def _call(self, fn: Any, *args: Any) -> None:
-        if self.lost.is_set():
+        if self.closed:
             return
         if threading.get_ident() == self._loop_tid:
             fn(*args)

@@ -10,12 +10,10 @@ the one loop of ``sfm_core.aio``; see ``connection.py``, and ``tls.py`` for the 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import errno
 import logging
 import socket
 import ssl
-import threading
 from typing import Any
 
 from websockets.client import ClientProtocol
@@ -23,8 +21,8 @@ from websockets.server import ServerProtocol
 from websockets.uri import parse_uri
 
 import sfm_core
-from sfm_core import CommError, ConnectorInfo, Driver, Mode
-from sfm_core.aio import LoopThread, acquire_loop, release_loop
+from sfm_core import CommError, ConnectorInfo, Mode
+from sfm_core.aio_driver import AioDriver
 from sfm_core.driver_params import ACTIVE, PASSIVE, Param, parse_params
 from sfm_core.frames import MAX_FRAME_SIZE
 from sfm_core.tls import TlsSettings
@@ -70,7 +68,7 @@ PARAMS = (
 _OPTIONS = ("path", "max_frame_size", "send_timeout", "open_timeout", "close_timeout", "high_water")
 
 
-class WebSocketDriver(Driver):
+class WebSocketDriver(AioDriver):
     """WebSocket (RFC 6455), one SFM frame per binary message, no compression.
 
     Params (URL query or dict; :data:`PARAMS`, :meth:`parameters`): ``path`` (default ``/f3``),
@@ -86,18 +84,14 @@ class WebSocketDriver(Driver):
 
     #: The driver contract this driver is written for (docs/plugins.md).
     SFM_DRIVER_CONTRACT = 1
+    DRIVER_NAME = DRIVER_NAME
 
     def __init__(self) -> None:
         super().__init__()
-        self._lock = threading.Lock()
-        self._stopping = threading.Event()
-        self._loop_thread: LoopThread | None = None
-        #: Every transport this driver has open (handshaking or not); loop thread only.
-        self._live: set[WebSocketConnection] = set()
+        # self._live (AioDriver): every transport this driver has open, handshaking or not.
         self._servers: list[_PlainServer | TlsServer] = []
         #: connect() calls still opening (TCP connect or upgrade); loop thread only.
         self._opening: set[asyncio.Task] = set()
-        self._pending = 0
         #: TLS settings of each connector that uses TLS, by handle (reload_tls reloads them).
         self._tls: dict[str, TlsSettings] = {}
 
@@ -113,22 +107,6 @@ class WebSocketDriver(Driver):
             "io": "websockets sans-I/O protocol on the shared asyncio loop (sfm_core.aio)",
             "path": DEFAULT_PATH,
         }
-
-    # -- the loop ------------------------------------------------------------------------
-
-    def _acquire(self) -> LoopThread:
-        lt = acquire_loop()
-        with self._lock:
-            self._pending += 1
-            self._loop_thread = lt
-        return lt
-
-    def _release(self) -> None:
-        with self._lock:
-            self._pending -= 1
-            if not self._pending:
-                self._loop_thread = None
-        release_loop()
 
     # -- checks and TLS ------------------------------------------------------------------
 
@@ -174,7 +152,7 @@ class WebSocketDriver(Driver):
         scheme = params["scheme"] or "ws"
         if tls is not None:
             scheme = secure_scheme(scheme)  # also for secure=true on ws:// or http://
-        lt = self._acquire()
+        lt = self.acquire()
         loop = lt.loop
         try:
 
@@ -204,15 +182,15 @@ class WebSocketDriver(Driver):
                     opts["path"],
                     "" if tls is None else f" (TLS, connection_security={tls.security})",
                 )
-                self._stopping.wait()
+                self.wait_stopping()
             finally:
                 lt.run(self._close_server(server, connector), 30.0)
         finally:
-            self._release()
+            self.release()
 
     def _server_opened(self, conn: WebSocketConnection) -> None:
         """A server-side connection finished its upgrade (loop thread)."""
-        if self._stopping.is_set():
+        if self.stopping:
             conn.abort()
             return
         self.add_connection(conn)
@@ -238,40 +216,35 @@ class WebSocketDriver(Driver):
         host, port = connect_address(connector.params, "websocket")
         timeout = params["connect_timeout"]
         opts = {k: params[k] for k in _OPTIONS}
-        if self._stopping.is_set():
-            raise CommError(CommError.CLOSED, "websocket driver is shut down")
+        self.check_running()
         tls = self._tls_for(connector)
-        lt = self._acquire()
+        lt = self.acquire()
         try:
+            # _open keeps one deadline of connect_timeout for TCP connect, TLS and upgrade
+            # together; the margin here only covers its cleanup.
+            conn = self.run(
+                self._open(connector, host, port, timeout, opts, tls),
+                timeout + 5.0,
+                timeout_message=f"websocket: no connection to {host_port(host, port)} after {timeout} s",
+            )
             try:
-                # _open keeps one deadline of connect_timeout for TCP connect, TLS and upgrade
-                # together; the margin here only covers its cleanup.
-                conn = lt.run(self._open(connector, host, port, timeout, opts, tls), timeout + 5.0)
-            except (concurrent.futures.CancelledError, asyncio.CancelledError):
-                raise CommError(CommError.CLOSED, "websocket driver is shut down") from None
-            except (TimeoutError, concurrent.futures.TimeoutError):
-                raise CommError(
-                    CommError.TIMEOUT, f"websocket: no connection to {host_port(host, port)} after {timeout} s"
-                ) from None
-            try:
-                if self._stopping.is_set():
-                    raise CommError(CommError.CLOSED, "websocket driver is shut down")
+                self.check_running()
                 self.add_connection(conn)
                 conn.added = True
                 lt.call_soon(conn.start_reading)
                 # Block for the life of the connection, as the contract says.
-                while not conn.lost.wait(1.0):
-                    if self._stopping.is_set():
+                while not conn.wait_closed(1.0):
+                    if self.stopping:
                         conn.close()
             finally:
-                if not conn.lost.is_set():
+                if not conn.closed:
                     conn.close()
-                    if not conn.lost.wait(DEFAULT_CLOSE_TIMEOUT + 1.0):
+                    if not conn.wait_closed(DEFAULT_CLOSE_TIMEOUT + 1.0):
                         lt.call_soon(conn.abort)
-                        conn.lost.wait(2.0)
+                        conn.wait_closed(2.0)
                 self.remove_connection(conn)
         finally:
-            self._release()
+            self.release()
 
     async def _open(
         self, connector: ConnectorInfo, host: str, port: int, timeout: float, opts: dict, tls: TlsSettings | None
@@ -297,8 +270,7 @@ class WebSocketDriver(Driver):
         conn.opened.add_done_callback(_consume_exception)
         task = asyncio.current_task()
         assert task is not None
-        if self._stopping.is_set():  # shutdown() ran before this task could be cancelled by it
-            raise CommError(CommError.CLOSED, "websocket driver is shut down")
+        self.check_running()  # shutdown() may have run before this task could be cancelled by it
         self._opening.add(task)
         try:
             # One deadline for the TCP connect and the upgrade together.
@@ -333,26 +305,13 @@ class WebSocketDriver(Driver):
         finally:
             self._opening.discard(task)
 
-    def _on_lost(self, conn: WebSocketConnection) -> None:
-        """A transport is gone (loop thread); nothing to do beyond the connection's own cleanup."""
-
     # -- shutdown ------------------------------------------------------------------------
 
-    def shutdown(self) -> None:
-        self._stopping.set()
-        super().shutdown()
-        lt = self._loop_thread
-        if lt is not None:
-            try:
-                lt.call_soon(self._close_all)
-            except RuntimeError:
-                pass
-
-    def _close_all(self) -> None:
-        for task in list(self._opening):  # connect() calls still in TCP connect or upgrade
+    def shutdown_on_loop(self) -> None:
+        """Cancel the connect() calls still in TCP connect or upgrade; close every transport."""
+        for task in list(self._opening):
             task.cancel()
-        for conn in list(self._live):
-            conn._close_on_loop()
+        super().shutdown_on_loop()
 
 
 class _PlainServer:
@@ -447,10 +406,10 @@ def _bind_all(addrs: list[tuple], port: int, backlog: int) -> list[socket.socket
 async def _wait_lost(conns: list[WebSocketConnection], timeout: float) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    while any(not c.lost.is_set() for c in conns):
+    while any(not c.closed for c in conns):
         if loop.time() >= deadline:
             for c in conns:
-                if not c.lost.is_set():
+                if not c.closed:
                     c.abort()
             await asyncio.sleep(0)
             await asyncio.sleep(0)
