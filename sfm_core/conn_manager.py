@@ -397,6 +397,38 @@ class ConnManager(ConnMonitor):
         except IndexError:  # its last connection went meanwhile
             raise CommError(CommError.CLOSED, f"no connection to endpoint {endpoint.name!r}") from None
 
+    def send_messages(
+        self, endpoint: Endpoint, app_id: int, messages: list[tuple[dict | None, Payload | None]]
+    ) -> None:
+        """Send several messages to ``endpoint`` for ``app_id``, in order, as ``send_message``
+        would one by one, but cheaper: one lock, one loop packing their heads, and on the TCP
+        driver one ``sendmsg`` (1,024 buffers at a time), the payloads never copied.
+
+        ``messages`` is a list of ``(headers, payload)`` pairs. All of them go over one
+        connection (so they arrive in this order). Every frame is checked first: one over the
+        frame limit raises ``CommError(BAD_DATA)`` and nothing is sent. Thread-safe; raises
+        ``CommError`` (``CLOSED`` if the endpoint has no connection).
+        """
+        if not messages:
+            return
+        sfm_ep = self.endpoints.by_name.get(endpoint.name)
+        conns = sfm_ep.connections if sfm_ep is not None else None  # one read: forget() replaces it
+        if not conns:
+            if endpoint.name == self.local_endpoint.name:
+                self._loopback_lane.submit(
+                    tuple(LoopbackMessage(endpoint, app_id, headers, payload) for headers, payload in messages)
+                )
+                return
+            raise CommError(CommError.CLOSED, f"no connection to endpoint {endpoint.name!r}")
+        ids = sfm_ep.stream_ids
+        stream_ids = [next(ids) & 0xFFFF for _ in messages]  # one each, as send_message takes
+        try:
+            conns[stream_ids[0] % len(conns)].send_batch(app_id, stream_ids, messages)
+        except CommError as e:
+            raise CommError(e.code, f"sending to endpoint {endpoint.name!r}: {e.message}") from e
+        except IndexError:  # its last connection went meanwhile
+            raise CommError(CommError.CLOSED, f"no connection to endpoint {endpoint.name!r}") from None
+
     def send_loopback_message(
         self, endpoint: Endpoint, app_id: int, headers: dict | None, payload: Payload | None
     ) -> None:

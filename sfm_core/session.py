@@ -398,6 +398,41 @@ class Session:
         head = PREFIX.pack(length, len(hb), _DATA, 0, 0, app_id, stream_id, next(self._sequence) & 0xFFFF)
         return [head + hb if hb else head, *bufs]
 
+    def data_frames(self, app_id: int, stream_ids, messages) -> list:
+        """Encode several DATA frames (``messages``: ``(headers, payload)`` pairs, with
+        ``stream_ids`` one per message), their buffers back to back in one list. Every
+        frame is checked before any sequence number is taken, so a refusal (as in
+        :meth:`data_frame`) leaves nothing half-encoded; payloads are not copied."""
+        if self.state is not _OPEN:
+            code = CommError.NOT_READY if self.state is State.ACCEPTING else CommError.CLOSED
+            raise CommError(code, f"connection is {self.state.value}")
+        limit = self.send_limit
+        parts = []
+        for headers, payload in messages:
+            hb = fr.encode_headers(headers) if headers else b""
+            if payload is None:
+                bufs: list = []
+                size = 0
+            elif type(payload) is bytes or type(payload) is bytearray:
+                bufs = [payload] if payload else []
+                size = len(payload)
+            else:
+                bufs = fr.payload_buffers(payload)
+                size = fr.payload_length(bufs)
+            length = PREFIX_LEN + len(hb) + size
+            if length > limit:
+                self._too_big(length, len(hb))
+            parts.append((length, hb, bufs))
+        out: list = []
+        append, extend = out.append, out.extend
+        pack, seq = PREFIX.pack, self._sequence
+        for (length, hb, bufs), stream_id in zip(parts, stream_ids, strict=True):
+            head = pack(length, len(hb), _DATA, 0, 0, app_id, stream_id, next(seq) & 0xFFFF)
+            append(head + hb if hb else head)
+            if bufs:
+                extend(bufs)
+        return out
+
     def _too_big(self, length: int, header_len: int) -> None:
         if self.send_limit == self.max_frame_size:
             fr.check_prefix(length, header_len, self.max_frame_size)

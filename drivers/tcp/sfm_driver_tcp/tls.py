@@ -282,6 +282,10 @@ class TlsTcpConnection(TcpConnection):
 
     # -- sending -------------------------------------------------------------------------
 
+    def send_frames(self, bufs: list, count: int) -> None:
+        """Several whole frames, their buffers back to back: encrypted together, one send."""
+        self.send_frame(bufs)
+
     def send_frame(self, frame) -> None:
         bufs = frame if isinstance(frame, list) else [frame]
         if self._closing:
