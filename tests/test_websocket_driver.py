@@ -1,11 +1,15 @@
-"""The WebSocket driver (ws://, http://) over real sockets on 127.0.0.1."""
+"""The WebSocket driver (ws://, http://) over real sockets on 127.0.0.1.
+
+What every driver must do (handshake, data of every kind, order, reconnect, fan-in, clean
+stop, the buffer-reuse rule) is checked by the conformance suite, which runs on this driver
+in tests/test_conformance.py; this file tests what is particular to WebSocket.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-import os
 import socket
 import struct
 import threading
@@ -24,7 +28,6 @@ from sfm_core.url import parse_url
 
 pytest.importorskip("sfm_driver_websocket")
 from sfm_driver_websocket import WebSocketDriver
-from sfm_driver_websocket.bench import WebSocketBaseline
 
 MIB = 1024 * 1024
 LOGGER = "sfm_driver_websocket"
@@ -151,54 +154,6 @@ def pair(make, scheme: str = "ws", server_params: dict | None = None, client_par
 
 
 # -- the happy paths ----------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("scheme", ["ws", "http"])
-def test_messages_both_ways_and_properties(managers, scheme):
-    server, client, scol, ccol, url = pair(managers, scheme)
-    assert url.startswith(f"{scheme}://127.0.0.1:")
-    to_server = client.find_endpoint("server")
-    assert to_server.properties["role"] == "server"
-    props = to_server.conn_props
-    assert props["peer_addr"] == f"127.0.0.1:{parse_url(url)['port']}"
-    assert props["local_addr"].startswith("127.0.0.1:")
-    back = server.find_endpoint("site-1")
-    assert back.properties["role"] == "site-1"
-    assert back.conn_props["peer_addr"] == props["local_addr"]
-    assert back.conn_props["local_addr"] == props["peer_addr"]
-
-    client.send_message(to_server, 1, {"k": "v", "n": 3, "b": b"\x00"}, b"payload")
-    client.send_message(to_server, 1, None, None)
-    server.send_message(back, 1, {"x": [1, 2]}, [b"multi", memoryview(b"-buffer")])
-    (_, app, headers, payload, ptype), (_, _, h2, p2, _) = scol.wait_for(2)
-    assert (app, headers, payload, ptype) == (1, {"k": "v", "n": 3, "b": b"\x00"}, b"payload", memoryview)
-    assert (h2, p2) == (None, None)
-    [(sender, _, headers, payload, _)] = ccol.wait_for(1)
-    assert (sender, headers, payload) == ("server", {"x": [1, 2]}, b"multi-buffer")
-
-
-def test_big_messages_both_directions(managers):
-    server, client, scol, ccol, _ = pair(managers)
-    # Above 4 MiB from the active side: where NVFlare's http client stops.
-    up = os.urandom(5 * MIB) + b"u"
-    down = os.urandom(8 * MIB)
-    client.send_message(client.find_endpoint("server"), 1, {"i": 1}, up)
-    client.send_message(client.find_endpoint("server"), 1, {"i": 2}, bytes(8 * MIB))
-    server.send_message(server.find_endpoint("site-1"), 1, None, down)
-    msgs = scol.wait_for(2, 20)
-    assert msgs[0][3] == up and msgs[1][3] == bytes(8 * MIB)
-    assert ccol.wait_for(1, 20)[0][3] == down
-
-
-def test_order_is_kept(managers):
-    _server, client, scol, _ccol, _ = pair(managers)
-    ep = client.find_endpoint("server")
-    sizes = [10, 100_000, 1, 70_000, 0]
-    for i in range(3000):
-        client.send_message(ep, 1, {"i": i}, bytes(sizes[i % len(sizes)]))
-    msgs = scol.wait_for(3000, 30)
-    assert [m[2]["i"] for m in msgs] == list(range(3000))
-    assert [len(m[3] or b"") for m in msgs[:5]] == sizes
 
 
 def test_fragmented_message_from_peer_is_one_frame(managers):
@@ -406,43 +361,6 @@ def test_slow_receiver_blocks_sender(managers):
 # -- scale and cleanliness ----------------------------------------------------------------
 
 
-def test_stop_leaves_no_threads_or_fds(managers):
-    proc = psutil.Process()
-    threads0 = {t.ident for t in threading.enumerate()}
-    fds0 = proc.num_fds()
-    server, client, scol, _, _ = pair(managers)
-    client.send_message(client.find_endpoint("server"), 1, None, b"x")
-    scol.wait_for(1)
-    client.stop()
-    server.stop()
-    wait_until(lambda: {t.ident for t in threading.enumerate()} <= threads0, what="threads gone")
-    wait_until(lambda: proc.num_fds() <= fds0, what="fds closed")
-    assert not [t for t in threading.enumerate() if t.name == "sfm-aio"]
-
-
-def test_listener_stop_makes_client_reconnect(managers):
-    server, client, _, _, url = pair(managers)
-    # A second server on the same port after the first stops: the client comes back by itself.
-    port = parse_url(url)["port"]
-    server.stop()
-    wait_until(lambda: client.find_endpoint("server") is None, what="client notices")
-    again = ConnManager(Endpoint("server"))
-    try:
-        h = again.add_connector(f"ws://127.0.0.1:{port}", {}, Mode.PASSIVE)
-        again.start()
-        again.wait_listening(h)
-        wait_ready(client, "server", 10)
-    finally:
-        again.stop()
-
-
-def test_many_concurrent_clients_all_ready(managers):
-    _server, url, _ = serve(managers)
-    result = WebSocketBaseline("websockets").fanin(url, 250, 30.0)
-    assert result["ready"] == 250, result
-    assert not result.get("errors")
-
-
 # -- review findings: one regression test each ------------------------------------------------
 
 
@@ -531,24 +449,6 @@ def _connect_in_thread(driver: WebSocketDriver, params: dict) -> tuple[threading
     t = threading.Thread(target=run, daemon=True)
     t.start()
     return t, conns, errors
-
-
-@pytest.mark.parametrize("size", [1000, 100_000])
-def test_caller_may_reuse_its_buffer_when_send_returns(managers, size):
-    # Both sides (the client masks, the server frames as is), small (joined) and big frames.
-    server, client, scol, ccol, _ = pair(managers)
-    n = 50
-    for sender, ep_name in ((client, "server"), (server, "site-1")):
-        ep = sender.find_endpoint(ep_name)
-        buf = bytearray(size)
-        view = memoryview(buf)
-        for i in range(n):
-            buf[:] = bytes([i]) * size  # fill, send, refill: normal buffer reuse
-            sender.send_message(ep, 1, {"i": i}, view if i % 2 else buf)
-        buf[:] = b"\xff" * size
-    for col in (scol, ccol):
-        msgs = col.wait_for(n)
-        assert [m[2]["i"] for m in msgs if m[3] != bytes([m[2]["i"]]) * size] == []
 
 
 def test_empty_continuation_frames_are_capped(managers, monkeypatch):
