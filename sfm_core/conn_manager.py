@@ -407,12 +407,13 @@ class ConnManager(ConnMonitor):
         ``messages`` is a list of ``(headers, payload)`` pairs. All of them go over one
         connection (so they arrive in this order). Every frame is checked first: one over the
         frame limit raises ``CommError(BAD_DATA)`` and nothing is sent. Thread-safe; raises
-        ``CommError`` (``CLOSED`` if the endpoint has no connection).
+        ``CommError`` (``CLOSED`` if the endpoint has no connection, even for an empty list).
+        A transport failure half-way may leave the first messages sent.
         """
-        if not messages:
-            return
         sfm_ep = self.endpoints.by_name.get(endpoint.name)
         conns = sfm_ep.connections if sfm_ep is not None else None  # one read: forget() replaces it
+        if not messages and (conns or endpoint.name == self.local_endpoint.name):
+            return
         if not conns:
             if endpoint.name == self.local_endpoint.name:
                 self._loopback_lane.submit(

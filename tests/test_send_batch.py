@@ -104,9 +104,10 @@ def test_a_batch_to_an_endpoint_without_a_connection_raises_closed(managers) -> 
             client.send_messages(to_server, 1, [(None, b"a"), (None, b"b")])
             time.sleep(0.01)
     assert err.value.code == CommError.CLOSED
-    with pytest.raises(CommError) as err:
-        client.send_messages(Endpoint("nobody"), 1, [(None, b"a")])
-    assert err.value.code == CommError.CLOSED
+    for batch in ([(None, b"a")], []):  # an empty batch names a missing endpoint too
+        with pytest.raises(CommError) as err:
+            client.send_messages(Endpoint("nobody"), 1, batch)
+        assert err.value.code == CommError.CLOSED
 
 
 def test_an_empty_batch_sends_nothing(managers) -> None:

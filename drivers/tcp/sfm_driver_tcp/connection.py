@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import select
 import socket
 import threading
 import time
+from collections import deque
 
 from sfm_core import CommError, Connection, ConnectorInfo, Mode
 from sfm_core.frames import HANDSHAKE_MAX_FRAME, FrameDecoder
@@ -152,8 +154,8 @@ class TcpConnection(Connection):
             self._send_rest(bufs, sent)
 
     def send_frames(self, bufs: list, count: int) -> None:
-        """Send ``count`` whole frames given as their buffers back to back (the core's batch
-        and its queue behind a write in flight): one ``sendmsg`` of up to IOV_MAX buffers,
+        """Send ``count`` whole frames given as their buffers back to back (the core's
+        ``send_messages``): one ``sendmsg`` of up to IOV_MAX buffers at a time,
         the payloads not copied; a batch of at most 2 KiB is joined for one ``send``."""
         if self._closing:
             raise CommError(CommError.CLOSED, f"connection {self.name} to {_fmt(self._peer)} is closed")
@@ -178,7 +180,7 @@ class TcpConnection(Connection):
         """Send the frame's remaining bytes, waiting for room. If that fails with part of the
         frame on the wire, the connection is closed: the peer could not find the next frame."""
         on_wire = sent > 0
-        views = []
+        views: deque = deque()  # a batch may hold thousands of buffers: no list.pop(0)
         for b in bufs:
             mv = b if isinstance(b, memoryview) else memoryview(b)
             if sent >= mv.nbytes:
@@ -195,7 +197,7 @@ class TcpConnection(Connection):
                 if self._closing:
                     raise CommError(CommError.CLOSED, f"connection {self.name} closed while sending")
                 try:
-                    n = self.sock.sendmsg(views[:_IOV_MAX])
+                    n = self.sock.sendmsg(list(itertools.islice(views, _IOV_MAX)))
                 except BlockingIOError:
                     n = 0
                 except OSError as e:
@@ -210,7 +212,7 @@ class TcpConnection(Connection):
                     first = views[0]
                     if n >= first.nbytes:
                         n -= first.nbytes
-                        views.pop(0)
+                        views.popleft()
                     else:
                         views[0] = first[n:]
                         n = 0
