@@ -458,7 +458,14 @@ def test_a_slow_receiver_holds_only_its_own_connection(managers) -> None:
 
 def test_a_send_that_times_out_half_way_closes_the_connection_and_corrupts_nothing(managers) -> None:
     server = managers("server")
-    got = Collector()
+    entered = threading.Event()
+
+    class Stuck(Collector):
+        def process_message(self, endpoint, connection, app_id, message) -> None:
+            entered.set()
+            super().process_message(endpoint, connection, app_id, message)
+
+    got = Stuck()
     got.gate = threading.Event()  # the server's receiver is stuck: nothing is read
     server.register_message_receiver(1, got)
     url = listen(server)
@@ -467,6 +474,9 @@ def test_a_send_that_times_out_half_way_closes_the_connection_and_corrupts_nothi
     client.start()
     to_server = wait_ready(client, "server")
     client.send_message(to_server, 1, None, b"first")  # holds the server's receiver
+    # Only once the receiver is stuck in it does the server stop reading: before that, a
+    # busy machine's reader could take "first" and the whole big frame in one go.
+    assert entered.wait(scaled(10))
     [first_conn] = client.get_connections("server")
     with pytest.raises(CommError, match="peer took nothing for 0.5 s") as err:
         client.send_message(to_server, 1, None, b"x" * (64 << 20))  # more than the buffers take
