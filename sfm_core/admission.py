@@ -43,8 +43,8 @@ class Admission:
     def accept(self, sfm_conn: SfmConnection, peer: PeerHello) -> None:
         """Passive side: record the peer, answer READY, close what it replaced, tell monitors."""
         # Record the endpoint before READY goes out, so a peer that has READY is known here
-        # (and of two connections claiming one name, the one answered last is kept). The send
-        # lock is held throughout: a message sent to the endpoint the moment it is known
+        # (and of two connections claiming one name, the one answered last is kept). The write
+        # role is held throughout: a message sent to the endpoint the moment it is known
         # still goes out after READY.
         session = sfm_conn.session
         conn_props = sfm_conn.conn.get_conn_properties()
@@ -52,7 +52,7 @@ class Admission:
         if refused is not None:
             sfm_conn.refuse(session.refuse(refused))
             return
-        with sfm_conn._send_lock:
+        with sfm_conn.exclusive():
             sfm_conn.conn.extensions = session.driver_extensions
             registration = self.table.register(sfm_conn, peer, conn_props)
             if registration is None:
@@ -63,7 +63,6 @@ class Admission:
             except BaseException:
                 self.table.undo(sfm_conn, registration)
                 raise
-        sfm_conn.flush_control()
         _handshaken(sfm_conn)
         self._settle(registration)
 

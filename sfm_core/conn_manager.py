@@ -274,6 +274,7 @@ class ConnManager(ConnMonitor):
             sfm_conn = self.sfm_conns.pop(connection.name, None)
         if sfm_conn is None:
             return
+        sfm_conn.writer.close()  # its queued frames can go nowhere now
         sfm_ep = self.endpoints.forget(sfm_conn)
         # The session and monitors hear of the loss after the frames received before it.
         lane = sfm_conn.lane

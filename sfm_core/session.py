@@ -209,7 +209,7 @@ class Session:
         self.pings_sent = 0
         self.pongs_received = 0
         # next() of itertools.count is atomic under the GIL: control frames are numbered from
-        # any thread without the data path's send lock.
+        # any thread without the data path's write role.
         self._sequence = itertools.count(1)
         #: Stream ids of PING/PONG: 1 until the shell hands over the endpoint's own counter.
         self.stream_ids: Iterator[int] = itertools.repeat(1)
@@ -429,6 +429,43 @@ class Session:
         append, extend = out.append, out.extend
         pack, seq = PREFIX.pack, self._sequence
         for (length, hb, bufs), stream_id in zip(parts, stream_ids, strict=True):
+            head = pack(length, len(hb), _DATA, 0, 0, app_id, stream_id, next(seq) & 0xFFFF)
+            append(head + hb if hb else head)
+            if bufs:
+                extend(bufs)
+        return out
+
+    def check_data(self, headers: dict | None, payload: Payload | None) -> tuple[int, bytes, list]:
+        """Check one DATA frame as :meth:`data_frame` does (same errors) and encode its
+        headers, but take no sequence number yet: ``(length, header bytes, payload buffers)``
+        for :meth:`number_data`. For a frame that waits in a queue: it is numbered when it is
+        written, so the numbers follow the order on the wire."""
+        if self.state is not _OPEN:
+            code = CommError.NOT_READY if self.state is State.ACCEPTING else CommError.CLOSED
+            raise CommError(code, f"connection is {self.state.value}")
+        hb = fr.encode_headers(headers) if headers else b""
+        if payload is None:
+            bufs: list = []
+            size = 0
+        elif type(payload) is bytes or type(payload) is bytearray:
+            bufs = [payload] if payload else []
+            size = len(payload)
+        else:
+            bufs = fr.payload_buffers(payload)
+            size = fr.payload_length(bufs)
+        length = PREFIX_LEN + len(hb) + size
+        if length > self.send_limit:
+            self._too_big(length, len(hb))
+        return length, hb, bufs
+
+    def number_data(self, items: list[tuple[int, int, tuple[int, bytes, list]]]) -> list:
+        """Number and pack frames checked by :meth:`check_data`, given as ``(app_id,
+        stream_id, checked)``, in order: their buffers back to back in one list. No state
+        check: they were accepted while the session was open, and may drain while it closes."""
+        out: list = []
+        append, extend = out.append, out.extend
+        pack, seq = PREFIX.pack, self._sequence
+        for app_id, stream_id, (length, hb, bufs) in items:
             head = pack(length, len(hb), _DATA, 0, 0, app_id, stream_id, next(seq) & 0xFFFF)
             append(head + hb if hb else head)
             if bufs:

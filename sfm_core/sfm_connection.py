@@ -4,16 +4,16 @@ its control frames, and the receiver that takes its frames from the driver."""
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections import deque
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
 from .delivery import Lane
 from .driver import Connection, ConnState, FrameReceiver, Mode
 from .errors import CommError
-from .frames import PREFIX, Payload
+from .frame_writer import FrameWriter
+from .frames import Payload
 from .session import Session
 
 if TYPE_CHECKING:
@@ -26,10 +26,10 @@ log = logging.getLogger(__name__)
 class SfmConnection:
     """A driver :class:`Connection`, its :class:`Session`, and (for event-loop drivers) its lane.
 
-    Data frames are encoded and sent under one lock, so they reach the wire in the order
-    of their sequence numbers. Control frames (PING, PONG) never wait for that lock: the
-    driver takes them ahead of its queue (:meth:`Connection.send_urgent`), or they wait
-    in a small queue that the thread holding the lock sends right after its frame.
+    Frames are written by its :class:`FrameWriter`, in the order of their sequence numbers.
+    Control frames (PING, PONG) never wait for a blocked sender: the driver takes them ahead
+    of its queue (:meth:`Connection.send_urgent`), or the writer sends them right after the
+    frame being written.
     """
 
     def __init__(self, conn: Connection, session: Session, mode: Mode, lane: Lane | None = None) -> None:
@@ -44,10 +44,8 @@ class SfmConnection:
         self.closing = False
         #: An inline driver's thread is delivering its frames right now (we are the slow one).
         self.rx_busy = False
-        self._send_lock = threading.Lock()
-        self._urgent: deque[bytes] = deque()
-        #: The driver's call for several whole frames at once (``send_frames``), if it has one.
-        self._send_frames = getattr(conn, "send_frames", None)
+        #: Orders and writes this connection's frames (``sfm_core/frame_writer.py``).
+        self.writer = FrameWriter(conn, session, conn.name)
 
     @property
     def name(self) -> str:
@@ -65,108 +63,39 @@ class SfmConnection:
 
     def send_data(self, app_id: int, stream_id: int, headers: dict | None, payload: Payload | None) -> None:
         """Send one DATA frame as ``[head, *payload]``: the payload is never copied."""
-        with self._send_lock:
-            frame = self.session.data_frame(app_id, stream_id, headers, payload)
-            try:
-                self.conn.send_frame(frame)
-            except CommError:
-                raise
-            except Exception as e:
-                raise CommError(CommError.ERROR, f"send on {self.conn.name} failed: {type(e).__name__}: {e}") from e
-            finally:
-                if self._urgent:
-                    self._flush_urgent_locked()
-        if self._urgent:  # appended after the check above, while we still held the lock
-            self._flush_urgent()
+        self.writer.send_data(self.session, app_id, stream_id, headers, payload)
 
     def send_batch(
         self, app_id: int, stream_ids: Sequence[int], messages: Sequence[tuple[dict | None, Payload | None]]
     ) -> None:
-        """Send several DATA frames in order under one hold of the send lock: their heads are
+        """Send several DATA frames in order under one hold of the write role: their heads are
         packed in one loop (every frame is checked before anything is sent) and, on a driver
         that has ``send_frames``, they go out in one call, the payloads not copied.
         ``stream_ids``: one per message."""
-        with self._send_lock:
+        writer = self.writer
+        with writer.exclusive():
             bufs = self.session.data_frames(app_id, stream_ids, messages)
-            try:
-                if self._send_frames is not None:
-                    self._send_frames(bufs, len(messages))
-                else:
-                    self._send_each(bufs)
-            except CommError:
-                raise
-            except Exception as e:
-                raise CommError(CommError.ERROR, f"send on {self.conn.name} failed: {type(e).__name__}: {e}") from e
-            finally:
-                if self._urgent:
-                    self._flush_urgent_locked()
-        if self._urgent:
-            self._flush_urgent()
-
-    def _send_each(self, bufs: list) -> None:
-        # A driver that takes one frame per call: split the batch at its heads again.
-        i, n = 0, len(bufs)
-        send_frame = self.conn.send_frame
-        while i < n:
-            length = PREFIX.unpack_from(bufs[i])[0]
-            j, size = i + 1, len(bufs[i])
-            while size < length:
-                size += memoryview(bufs[j]).nbytes
-                j += 1
-            send_frame(bufs[i:j])
-            i = j
+            writer.send_frames_locked(bufs, len(messages))
 
     def send(self, frame: Payload) -> None:
         """Send one encoded frame in turn with the data frames."""
-        with self._send_lock:
-            self.write_locked(frame)
-            if self._urgent:
-                self._flush_urgent_locked()
-        if self._urgent:
-            self._flush_urgent()
+        with self.writer.exclusive():
+            self.writer.write(frame)
+
+    def exclusive(self) -> AbstractContextManager[None]:
+        """Hold the write role: frames written with :meth:`write_locked` in the block go out
+        with no other frame between them; frames sent meanwhile follow."""
+        return self.writer.exclusive()
 
     def write_locked(self, frame: Payload) -> None:
-        """Send one encoded frame; the caller holds ``_send_lock``. (Drivers have always been
-        handed a list of buffers.)"""
-        try:
-            self.conn.send_frame(frame if isinstance(frame, list) else [frame])
-        except CommError:
-            raise
-        except Exception as e:
-            raise CommError(CommError.ERROR, f"send on {self.conn.name} failed: {type(e).__name__}: {e}") from e
+        """Send one encoded frame; the caller is in :meth:`exclusive`."""
+        self.writer.write(frame)
 
     def send_control(self, frame: bytes) -> None:
         """Send a PING or PONG at the next frame boundary, without waiting for a blocked sender."""
         if self.conn.send_urgent(frame):
             return
-        self._urgent.append(frame)
-        self._flush_urgent()
-
-    def _flush_urgent_locked(self) -> None:
-        # The send lock is held: write the queued control frames after the frame just sent.
-        try:
-            while self._urgent:
-                self.conn.send_frame([self._urgent.popleft()])
-        except Exception as e:  # the connection is failing; its close follows
-            log.info("control frame on %s not sent: %s", self.conn.name, e)
-            self._urgent.clear()
-
-    def flush_control(self) -> None:
-        """Send control frames that queued while the caller held ``_send_lock`` (call it after
-        releasing the lock)."""
-        if self._urgent:
-            self._flush_urgent()
-
-    def _flush_urgent(self) -> None:
-        # If the lock is taken, its holder sends the queue: it checks after its frame and again
-        # after letting go, and this checks after appending, so no frame is left behind.
-        while self._urgent:
-            if not self._send_lock.acquire(False):
-                return
-            try:
-                self._flush_urgent_locked()
-            finally:
-                self._send_lock.release()
+        self.writer.send_control(frame)
 
     # -- closing -----------------------------------------------------------------------------
 
@@ -174,9 +103,9 @@ class SfmConnection:
         """Wait up to ``timeout`` s for the frames already accepted to reach the transport;
         return how many had not (new DATA is refused once :meth:`Session.begin_close` ran)."""
         deadline = time.monotonic() + timeout
-        if not self._send_lock.acquire(timeout=max(0.0, timeout)):
-            return 1 + self.conn.drain(0.0)  # a sender is stuck mid-frame
-        self._send_lock.release()
+        left = self.writer.drain(timeout)
+        if left:
+            return left + self.conn.drain(0.0)  # a sender is stuck mid-frame, or frames still queue
         try:
             return self.conn.drain(max(0.0, deadline - time.monotonic()))
         except Exception:
@@ -198,6 +127,7 @@ class SfmConnection:
         """Close the transport now (what is queued in the driver may be dropped)."""
         self.closing = True
         self.session.begin_close()
+        self.writer.close()
         self.conn.close()
 
 
@@ -267,6 +197,7 @@ class SfmFrameReceiver(FrameReceiver):
         """Take a batch of frames received together."""
         conn = self.conn
         conn.session.last_heard = time.monotonic()
+        conn.writer.frames_arrived()
         lane = conn.lane
         if lane is not None:
             lane.submit(frames, sum(map(len, frames)))

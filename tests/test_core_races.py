@@ -16,7 +16,6 @@ from sfm_core.driver import Connection, ConnState, Driver
 from sfm_core.frames import FrameType, decode_frame, encode_frame
 from sfm_core.handshake import PeerHello, build_handshake
 from sfm_core.session import Session, State
-from sfm_core.sfm_connection import SfmConnection
 
 
 def hello(name: str = "site-1") -> bytes:
@@ -218,39 +217,6 @@ def test_update_endpoint_makes_the_endpoint_usable(manager) -> None:
     assert ep.state == EndpointState.READY and ep.properties == {"role": "x"}
     manager.send_message(ep, 1, None, b"hi")
     assert decode_frame(conn.sent[-1]).type == FrameType.DATA
-
-
-def test_a_control_frame_queued_while_a_send_lets_go_is_not_left_behind() -> None:
-    """A PONG appended between the sender's last check and its release still goes out."""
-    conn = FakeConn(inline=True)
-    session = Session("a", {}, active=True, now=0.0)
-    session.state = State.OPEN
-    sc = SfmConnection(conn, session, Mode.ACTIVE)
-    real = sc._send_lock
-
-    class Hooked:
-        hook = None
-
-        def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
-            return real.acquire(blocking, timeout)
-
-        def release(self) -> None:
-            real.release()
-
-        def __enter__(self):
-            real.acquire()
-            return self
-
-        def __exit__(self, *exc) -> None:
-            hook, Hooked.hook = Hooked.hook, None
-            if hook:
-                hook()  # after send_data's check of the control queue, before it lets go
-            real.release()
-
-    sc._send_lock = Hooked()
-    Hooked.hook = lambda: (t := threading.Thread(target=sc.send_control, args=(b"PONG",)), t.start(), t.join())
-    sc.send_data(1, 17, None, b"data")
-    assert conn.sent[-1] == b"PONG" and not sc._urgent
 
 
 def test_a_connection_without_the_certificate_cannot_take_over_a_bound_endpoint(manager, caplog) -> None:
