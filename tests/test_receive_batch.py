@@ -24,6 +24,7 @@ from sfm_core import CommError, ConnManager, Endpoint, FrameDecoder, FrameType, 
 from sfm_core.delivery import Dispatcher
 from sfm_core.driver import Connection, Mode
 from sfm_core.endpoint_table import SfmEndpoint
+from sfm_core.frame_check import MessageFrames
 from sfm_core.frames import PREFIX, PREFIX_LEN, _frame_buffer, check_prefix, encode_frame
 from sfm_core.handshake import PeerHello
 from sfm_core.session import Session, State
@@ -418,3 +419,80 @@ def test_frames_after_a_close_mid_batch(inline: bool) -> None:
     per_frame(rigs[1], frames, inline)
     assert rigs[0].outcome() == rigs[1].outcome()
     assert rigs[0].delivered == ([b"0", b"1", b"2"] if inline else [b"0", b"1", b"2", b"3", b"4"])
+
+
+# -- MessageFrames (ws, grpc) ------------------------------------------------------------
+
+
+class OldMessageFrames(MessageFrames):
+    """MessageFrames' checks as they were before the fast comparisons: the oracle."""
+
+    def one(self, message: Any) -> Any:
+        size = len(message)
+        if size < PREFIX_LEN:
+            raise self._short(size)
+        length, header_len = struct.unpack_from(">IH", message)
+        check_prefix(length, header_len, self._limit())
+        if length != size:
+            raise self._mismatch(length, size)
+        return message
+
+    def split(self, message: Any, batch: bool = False) -> list:
+        size = len(message)
+        if size < PREFIX_LEN:
+            raise self._short(size)
+        length, header_len = struct.unpack_from(">IH", message, 0)
+        check_prefix(length, header_len, self._limit())
+        if length == size:
+            return [message]
+        if length > size or not batch:
+            raise self._mismatch(length, size)
+        view = message if isinstance(message, memoryview) else memoryview(message)
+        frames = [view[:length]]
+        pos = length
+        while pos < size:
+            if size - pos < PREFIX_LEN:
+                raise CommError(
+                    CommError.BAD_DATA, f"batched {self.what} ends with {size - pos} bytes, not a whole frame"
+                )
+            length, header_len = struct.unpack_from(">IH", view, pos)
+            check_prefix(length, header_len, self.max_frame_size)
+            if pos + length > size:
+                raise CommError(
+                    CommError.BAD_DATA,
+                    f"batched frame at offset {pos} says {length} bytes but only {size - pos} are left in {self.what}",
+                )
+            frames.append(view[pos : pos + length])
+            pos += length
+        return frames
+
+
+def _checked(check: MessageFrames, messages: list, how: str) -> list:
+    out = []
+    for message in messages:
+        try:
+            got = check.one(message) if how == "one" else check.split(message, how == "batch")
+            out.append([bytes(f) for f in got] if isinstance(got, list) else (got is message))
+        except CommError as e:
+            out.append(("error", e.code, e.message))
+    return out
+
+
+message_st = st.one_of(
+    stream_frame_st,
+    st.lists(stream_frame_st, min_size=2, max_size=5).map(b"".join),
+    st.builds(lambda f, n: f[:n], stream_frame_st, st.integers(0, 40)),
+    st.builds(lambda f, extra: f + extra, stream_frame_st, st.binary(min_size=1, max_size=20)),
+)
+
+
+@settings(max_examples=300)
+@given(
+    st.lists(message_st, max_size=8),
+    st.sampled_from(["one", "split", "batch"]),
+    st.sampled_from([None, 100, 2000]),
+)
+def test_message_frames_check_as_before(messages: list, how: str, first_max: Any) -> None:
+    new = MessageFrames(20_000, what="Frame.data", first_frame_max=first_max)
+    old = OldMessageFrames(20_000, what="Frame.data", first_frame_max=first_max)
+    assert _checked(new, messages, how) == _checked(old, messages, how)
