@@ -10,6 +10,7 @@ sessions and receivers, runs the heartbeat timer and tells monitors; see
 from __future__ import annotations
 
 import logging
+import struct
 import threading
 import time
 from collections.abc import Iterable
@@ -53,6 +54,8 @@ log = logging.getLogger(__name__)
 _OPEN = State.OPEN
 _DATA = int(fr.FrameType.DATA)
 _PREFIX_LEN = fr.PREFIX_LEN
+#: The prefix fields a DATA frame's delivery needs: length, header_len, type, app_id.
+_DATA_FIELDS = struct.Struct(">IHB3xH4x")
 
 
 class ConnManager(ConnMonitor):
@@ -380,7 +383,7 @@ class ConnManager(ConnMonitor):
         session = sfm_conn.session
         conn = sfm_conn.conn
         receivers = self.receivers
-        unpack = fr.PREFIX.unpack_from
+        unpack = _DATA_FIELDS.unpack_from
         unpackb = msgpack.unpackb
         new = object.__new__
         max_size = session.max_frame_size
@@ -401,7 +404,7 @@ class ConnManager(ConnMonitor):
                 size = -1  # a list of buffers, an mmap, an odd view: the general path
             # The state is checked per frame: another thread may close the session mid-batch.
             if size >= _PREFIX_LEN and session.state is _OPEN:
-                length, header_len, ftype, _reserved, _flags, app_id, _stream, _seq = unpack(frame)
+                length, header_len, ftype, app_id = unpack(frame)
                 if ftype != _DATA or length != size or length > max_size or header_len > length - _PREFIX_LEN:
                     size = -1  # a control frame, or a refusal: the general path names the reason
             else:
