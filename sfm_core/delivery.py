@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,14 @@ class Dispatcher:
                 log.warning("delivery thread %s still busy after %s s", t.name, timeout)
         self._threads = []
 
-    def lane_for(self, conn: Any, handler: Callable[[Any], None], max_items: int, max_bytes: int) -> Lane:
+    def lane_for(
+        self,
+        conn: Any,
+        handler: Callable[[Any], None],
+        max_items: int,
+        max_bytes: int,
+        batch_handler: Callable[[Iterator[Any]], None] | None = None,
+    ) -> Lane:
         """A lane for a driver connection: paused through the driver if it can pause."""
         pausable = conn.supports_pause
         return self.lane(
@@ -60,6 +67,7 @@ class Dispatcher:
             max_bytes=max_bytes,
             pause=conn.pause_reading if pausable else None,
             resume=conn.resume_reading if pausable else None,
+            batch_handler=batch_handler,
         )
 
     def run_soon(self, fn: Callable[[], None]) -> None:
@@ -74,9 +82,14 @@ class Dispatcher:
         max_bytes: int = 64 * 1024 * 1024,
         pause: Callable[[], None] | None = None,
         resume: Callable[[], None] | None = None,
+        batch_handler: Callable[[Iterator[Any]], None] | None = None,
     ) -> Lane:
-        """A new ordered lane whose items are passed to ``handler`` one by one."""
-        return Lane(self, handler, max_items, max_bytes, pause, resume)
+        """A new ordered lane whose items are passed to ``handler`` one by one, or, given
+        ``batch_handler``, to it as an iterator over a batch: one call for many items. It
+        must take the items in order; if it raises, the error is logged and it is called
+        again with the same iterator, so the failing item is skipped and the rest still run
+        (as with ``handler``)."""
+        return Lane(self, handler, max_items, max_bytes, pause, resume, batch_handler)
 
     def _work(self) -> None:
         ready = self._ready
@@ -117,6 +130,7 @@ class Lane:
     """An ordered queue of items for one connection; see the module docstring."""
 
     __slots__ = (
+        "_batch_handler",
         "_bytes",
         "_closed",
         "_dispatcher",
@@ -141,9 +155,11 @@ class Lane:
         max_bytes: int,
         pause: Callable[[], None] | None,
         resume: Callable[[], None] | None,
+        batch_handler: Callable[[Iterator[Any]], None] | None = None,
     ) -> None:
         self._dispatcher = dispatcher
         self._handler = handler
+        self._batch_handler = batch_handler
         self._max_items = max_items
         self._max_bytes = max_bytes
         self._pause = pause
@@ -224,14 +240,25 @@ class Lane:
         with self._lock:
             items = self._items[:batch]
             del self._items[:batch]
-        handler = self._handler
-        done_bytes = 0
-        for item in items:
-            try:
-                handler(item)
-            except Exception:  # the handler reports its own errors; this is a last resort
-                log.exception("delivery handler failed")
-            done_bytes += len(item)
+        batch_handler = self._batch_handler
+        if batch_handler is not None:
+            done_bytes = sum(map(len, items))
+            rest = iter(items)
+            while True:
+                try:
+                    batch_handler(rest)  # returns once it has taken every item
+                    break
+                except Exception:  # as below; the item that raised is skipped, the rest go on
+                    log.exception("delivery handler failed")
+        else:
+            handler = self._handler
+            done_bytes = 0
+            for item in items:
+                try:
+                    handler(item)
+                except Exception:  # the handler reports its own errors; this is a last resort
+                    log.exception("delivery handler failed")
+                done_bytes += len(item)
         then = None
         with self._lock:
             self._bytes = max(0, self._bytes - done_bytes)

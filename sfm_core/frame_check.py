@@ -66,9 +66,16 @@ class MessageFrames:
         if size < PREFIX_LEN:
             raise self._short(size)
         length, header_len = _unpack(message)
-        check_prefix(length, header_len, self._limit())
-        if length != size:
-            raise self._mismatch(length, size)
+        if (
+            length != size
+            or header_len > length - PREFIX_LEN
+            or length > self.max_frame_size
+            or self._first_max is not None
+        ):
+            # The first frame, or a broken one: the full checks, in their order, with their words.
+            check_prefix(length, header_len, self._limit())
+            if length != size:
+                raise self._mismatch(length, size)
         return message
 
     def split(self, message: Buffer, batch: bool = False) -> list:
@@ -79,7 +86,13 @@ class MessageFrames:
         if size < PREFIX_LEN:
             raise self._short(size)
         length, header_len = _unpack(message, 0)
-        check_prefix(length, header_len, self._limit())
+        if (
+            length < PREFIX_LEN
+            or header_len > length - PREFIX_LEN
+            or length > self.max_frame_size
+            or self._first_max is not None
+        ):
+            check_prefix(length, header_len, self._limit())
         if length == size:
             return [message]
         if length > size or not batch:
@@ -94,7 +107,8 @@ class MessageFrames:
                     CommError.BAD_DATA, f"batched {self.what} ends with {size - pos} bytes, not a whole frame"
                 )
             length, header_len = _unpack(view, pos)
-            check_prefix(length, header_len, limit)
+            if length < PREFIX_LEN or length > limit or header_len > length - PREFIX_LEN:
+                check_prefix(length, header_len, limit)  # raises, naming what is wrong
             if pos + length > size:
                 raise CommError(
                     CommError.BAD_DATA,

@@ -12,6 +12,7 @@ import mmap
 import struct
 from collections.abc import Sequence
 from enum import IntEnum
+from itertools import pairwise
 from typing import NamedTuple, Union
 
 import msgpack
@@ -179,6 +180,8 @@ def decode_headers(data: Buffer) -> dict:
 #: Frames from this size on are received into anonymous memory maps: the kernel commits their
 #: pages as data arrives, so a prefix that claims 2 GiB costs nothing until 2 GiB really come.
 LAZY_FRAME = 16 * 1024 * 1024  # below, bytearrays: freed and reused warm by malloc
+#: FrameDecoder copies a read's frames out in one go when they average at most this size.
+_SMALL_FRAMES = 2048
 
 
 def _frame_buffer(length: int) -> bytearray | mmap.mmap:
@@ -290,31 +293,51 @@ class FrameDecoder:
         return frames
 
     def _parse(self) -> list:
-        frames = []
         view, start, end = self._view, self._start, self._end
+        buf = self._buf
         unpack = _LEN_AND_HEADER_LEN.unpack_from
-        own_buffer_above = min(self._large_frame, len(self._buf) // 2)
-        while end - start >= PREFIX_LEN:
-            length, header_len = unpack(view, start)
-            limit = self.max_frame_size
-            if self._first_frame_max is not None:
-                limit = min(limit, self._first_frame_max)
-                self._first_frame_max = None
-            if length < PREFIX_LEN or length > limit or header_len > length - PREFIX_LEN:
+        limit = self.max_frame_size
+        first = self._first_frame_max
+        if first is not None and end - start >= PREFIX_LEN:
+            # The first frame only (the handshake) has its own, lower limit.
+            self._first_frame_max = None
+            length, header_len = unpack(buf, start)
+            first_limit = min(limit, first)
+            if length > first_limit:
                 self._start, self._end = start, end
+                check_prefix(length, header_len, first_limit)
+        # Find the whole frames first (every prefix checked), then copy them out.
+        ends = [0]  # where each frame ends, from start
+        mark = ends.append
+        pos = start
+        length = 0
+        while end - pos >= PREFIX_LEN:
+            length, header_len = unpack(buf, pos)
+            if length < PREFIX_LEN or length > limit or header_len > length - PREFIX_LEN:
+                self._start, self._end = pos, end
                 check_prefix(length, header_len, limit)
-            if end - start >= length:
-                frames.append(bytes(view[start : start + length]))
-                start += length
-            elif length > own_buffer_above:
-                have = end - start
-                large = _frame_buffer(length)
-                large[:have] = view[start:end]
-                self._large, self._large_filled = large, have
-                start = end = 0
+            if end - pos < length:
                 break
-            else:
-                break
+            pos += length
+            mark(pos - start)
+        frames: list = []
+        n = len(ends) - 1
+        if n > 1 and pos - start <= _SMALL_FRAMES * n:
+            # Small frames: one copy of them all, then a bytes slice each (half the cost of
+            # bytes(view[a:b]), which makes a memoryview per frame). Each frame is still a
+            # bytes of its own: a payload a receiver keeps holds only its frame.
+            chunk = bytes(view[start:pos])
+            frames = [chunk[a:b] for a, b in pairwise(ends)]
+        elif n:
+            frames = [bytes(view[start + a : start + b]) for a, b in pairwise(ends)]
+        start = pos
+        if end - start >= PREFIX_LEN and length > min(self._large_frame, len(buf) // 2):
+            # The next frame will not fit: it gets its own buffer, and the rest is received in place.
+            have = end - start
+            large = _frame_buffer(length)
+            large[:have] = view[start:end]
+            self._large, self._large_filled = large, have
+            start = end = 0
         if start == end:
             start = end = 0
         self._start, self._end = start, end

@@ -202,12 +202,8 @@ class SfmFrameReceiver(FrameReceiver):
         if lane is not None:
             lane.submit(frames, sum(map(len, frames)))
             return
-        task = self.conn_manager.process_frame_task
         conn.rx_busy = True
         try:
-            for frame in frames:
-                if conn.closing:
-                    break
-                task(conn, frame)
+            self.conn_manager.process_frames_task(conn, frames, inline=True)
         finally:
             conn.rx_busy = False
