@@ -92,13 +92,18 @@ class FrameWriter:
         self._queue: deque[tuple[int, int, tuple[int, bytes, list]]] = deque()
         self._urgent: list[bytes] = []
         self._background = False  # the background writer holds the role
+        self._in_flight = 0  # frames the background writer is writing
         self._thread: threading.Thread | None = None
         #: Threads waiting for the role, first come first served (it is handed to them).
         self._waiters: deque[threading.Event] = deque()
         self._closed = False
         self._failed: str | None = None
         self._run = 0
-        #: The thread that last delivered this connection's frames (see :meth:`frames_arrived`).
+        #: The thread delivering this connection's frames right now, if the driver delivers
+        #: inline (set by the core around the delivery). When it sends here, finding no one
+        #: writing, it writes itself (the TCP driver reads while it waits for room, so two
+        #: peers replying to each other on full buffers do not wait for each other); it waits
+        #: for room only past ``READER_QUEUE_FRAMES``.
         self.reader: int | None = None
         self._last_start = 0.0  # when the last directly written frame began
         #: Writes of queued frames, and the frames they carried (diagnostics, tests).
@@ -126,13 +131,28 @@ class FrameWriter:
             if role.acquire(False):
                 # No one writes: write it now (no lock taken: this is the path of a lone
                 # message and of request/response).
-                if self._failed is not None or self._closed:
-                    role.release()
-                    self._check_open()
-                now = time.monotonic()
-                self._run = run = self._run + 1 if now - self._last_start < STREAM_GAP else 0
-                self._last_start = now
-                if (run < STREAM_RUN or threading.get_ident() == self.reader) and not (self._queue or self._urgent):
+                try:
+                    if self._failed is not None or self._closed:
+                        self._check_open()
+                    if self._waiters:
+                        with self._lock:
+                            self._release_locked()  # to the first in line; we line up too
+                        break
+                    now = time.monotonic()
+                    self._run = run = self._run + 1 if now - self._last_start < STREAM_GAP else 0
+                    self._last_start = now
+                    direct = (run < STREAM_RUN or threading.get_ident() == self.reader) and not (
+                        self._queue or self._urgent
+                    )
+                    if not direct:
+                        if t is not bytes and payload is not None:
+                            payload = bytes(payload)  # the caller may reuse its buffer once we return
+                        checked = session.check_data(headers, payload)
+                except BaseException:
+                    with self._lock:
+                        self._release_locked()
+                    raise
+                if direct:
                     try:
                         self.conn.send_frame(session.data_frame(app_id, stream_id, headers, payload))
                     except CommError:
@@ -144,16 +164,11 @@ class FrameWriter:
                         if self._queue or self._urgent or self._waiters:
                             self._pick_up()  # queued or came to wait while we wrote: hand on
                     return
-                # One thread streams: its small frames go to the background writer from now on.
-                # (Or frames queued as the last writer let go wait for its hand-over: they go first.)
-                if t is not bytes and payload is not None:
-                    payload = bytes(payload)  # the caller may reuse its buffer once we return
+                # The sends come back to back: from now on the background writer sends them,
+                # while this thread goes on. (Or frames queued as the last writer let go still
+                # wait for its hand-over: they go first.)
                 with self._lock:
-                    try:
-                        self._queue.append((app_id, stream_id, session.check_data(headers, payload)))
-                    except BaseException:
-                        self._release_locked()
-                        raise
+                    self._queue.append((app_id, stream_id, checked))
                     self._hand_to_background()
                 return
             # Someone writes. No lock here (this is every queued frame's path): the append is
@@ -175,18 +190,20 @@ class FrameWriter:
             elif len(queue) > QUEUE_FRAMES:
                 with self._lock:
                     self._wait_for_room()
+            if session.state is not _OPEN:
+                # Closing began as we queued: a drain may have looked already. See it written
+                # (or, if the connection closes first, say so).
+                self._acquire()
+                with self._lock:
+                    self._release_locked()
             return
         with self.exclusive():
             self.write(session.data_frame(app_id, stream_id, headers, payload))
 
     def frames_arrived(self) -> None:
-        """Frames arrived and are delivered on this thread: the traffic is not a one-way
-        stream, so the next small frame is written at once; and this thread, the reader,
-        never hands its replies to the background writer (it writes them itself, reading
-        while it waits for room, as the TCP driver does) nor waits for room below
-        ``READER_QUEUE_FRAMES``."""
+        """Frames arrived: the traffic is not a one-way stream, so the next small frame that
+        finds no one writing is written at once (a reply is not handed off)."""
         self._run = 0
-        self.reader = threading.get_ident()
 
     def send_frames_locked(self, bufs: list, count: int) -> None:
         """Write ``count`` whole frames given as their buffers back to back (one driver call
@@ -251,7 +268,7 @@ class FrameWriter:
             return 0  # closed: nothing more will be written
         with self._lock:
             if not taken:
-                return len(self._queue) + len(self._urgent) or 1
+                return len(self._queue) + len(self._urgent) + self._in_flight or 1
             self._release_locked()
         return 0
 
@@ -279,6 +296,10 @@ class FrameWriter:
         ``timeout`` ran out."""
         turn = threading.Event()
         if not self._waiters and self._role.acquire(False):
+            if self._failed is not None or self._closed:
+                with self._lock:
+                    self._release_locked()
+                self._check_open()
             if not (self._queue or self._urgent):
                 return True
             with self._lock:  # frames queued as the last writer let go: they go first
@@ -384,12 +405,14 @@ class FrameWriter:
                 queue = self._queue
                 # Taken one by one from the one deque that senders append to without the lock.
                 items = [queue.popleft() for _ in range(len(queue))]
+                self._in_flight = len(items)
                 lock.release()
                 try:
                     self._write_batch(urgent, items)
                 except Exception as e:
                     self._fail(e, len(items))  # outside the lock: a driver's close may call back
                 lock.acquire()
+                self._in_flight = 0
                 # Room only now, not while the batch was written: a sender woken meanwhile
                 # would hold the interpreter while this thread needs it back after each write.
                 self._changed.notify_all()

@@ -4,6 +4,7 @@ its control frames, and the receiver that takes its frames from the driver."""
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
@@ -206,7 +207,10 @@ class SfmFrameReceiver(FrameReceiver):
             lane.submit(frames, sum(map(len, frames)))
             return
         conn.rx_busy = True
+        writer = conn.writer
+        writer.reader = threading.get_ident()  # replies sent from this delivery: see FrameWriter.reader
         try:
             self.conn_manager.process_frames_task(conn, frames, inline=True)
         finally:
+            writer.reader = None
             conn.rx_busy = False

@@ -282,7 +282,7 @@ def test_the_reader_thread_writes_its_own_replies_and_does_not_wait_for_room(wri
     """A receiver replying from its delivery must keep reading: it never hands its frames to
     the background writer, and it does not wait for room below the reader's bound."""
     monkeypatch.setattr(fw, "STREAM_GAP", 60.0)
-    writer.frames_arrived()  # this thread delivers the connection's frames
+    writer.reader = threading.get_ident()  # as the core sets it around an inline delivery
     for i in range(20):
         send(writer, b"reply %d" % i)  # a burst of replies to one batch of requests
     assert all(call == "frame" for _ident, call, _data in writer.conn.writes), "the reader handed off"
@@ -293,6 +293,7 @@ def test_the_reader_thread_writes_its_own_replies_and_does_not_wait_for_room(wri
     gate.set()
     first.join(scaled(5))
     assert writer.drain(scaled(5)) == 0
+    writer.reader = None
 
 
 def test_a_failed_write_of_queued_frames_closes_the_connection_and_later_sends_say_why(writer, caplog) -> None:
@@ -306,6 +307,65 @@ def test_a_failed_write_of_queued_frames_closes_the_connection_and_later_sends_s
         send(writer, b"after")
     assert err.value.code == CommError.CLOSED and "peer took nothing for 60 s" in err.value.message
     assert "1 frame(s) lost" in caplog.text
+
+
+@pytest.mark.parametrize("size", [10, fw.SMALL_PAYLOAD + 1])
+def test_after_a_failed_background_write_every_kind_of_send_says_why(writer, size) -> None:
+    writer.conn.fail_batches = OSError("boom")
+    first, gate = held_write(writer, b"first")
+    send(writer, b"queued")
+    gate.set()
+    first.join(scaled(5))
+    wait_until(lambda: writer.conn.closed, what="the connection to be closed")
+    for attempt in (lambda: send(writer, b"y" * size), lambda: writer.exclusive().__enter__()):
+        with pytest.raises(CommError) as err:
+            attempt()
+        assert "writing queued frames failed: OSError: boom" in err.value.message
+
+
+def test_an_interrupt_after_taking_the_role_gives_it_back(writer, monkeypatch) -> None:
+    real = fw.time.monotonic
+
+    class Clock:
+        calls = 0
+
+        def monotonic(self) -> float:
+            Clock.calls += 1
+            if Clock.calls == 1:
+                raise KeyboardInterrupt  # as a signal could, between taking the role and writing
+            return real()
+
+    monkeypatch.setattr(fw, "time", Clock())
+    with pytest.raises(KeyboardInterrupt):
+        send(writer, b"interrupted")
+    assert not writer._role.locked(), "the role stayed taken"
+    send(writer, b"next")
+    send(writer, b"z" * (fw.SMALL_PAYLOAD + 1))
+    assert [len(f.payload) for f in decoded(writer.conn.wire())] == [4, fw.SMALL_PAYLOAD + 1]
+
+
+def test_a_frame_queued_as_closing_begins_is_written_before_its_send_returns(writer, monkeypatch) -> None:
+    """begin_close() between the sender's state check and its append: a drain may already
+    have looked, so the sender sees its own frame out before it returns."""
+    session = writer.session
+    first, gate = held_write(writer, b"first")
+    real_check = session.check_data
+
+    def check_then_close(headers, payload):
+        checked = real_check(headers, payload)
+        session.begin_close()  # the linger starts right here
+        return checked
+
+    monkeypatch.setattr(session, "check_data", check_then_close)
+    written_at_return: list[int] = []
+    b = threading.Thread(target=lambda: (send(writer, b"late"), written_at_return.append(len(writer.conn.writes))))
+    b.start()
+    b.join(0.2)
+    assert b.is_alive(), "the send returned with its frame still queued while the connection closes"
+    gate.set()
+    first.join(scaled(5))
+    b.join(scaled(5))
+    assert written_at_return == [2]
 
 
 def test_a_sender_waits_for_room_when_the_queue_is_full(writer) -> None:
