@@ -141,6 +141,13 @@ CORE_PARAMS: tuple[Param, ...] = (
         maximum=MAX_FRAME_SIZE,
         doc="the largest frame accepted, in bytes (the ConnManager's unless given)",
     ),
+    Param(
+        "stream_handoff",
+        bool,
+        True,
+        doc="one thread's back-to-back small frames go to the connection's background writer "
+        "(docs/architecture.md, Who writes); false: only frames that find a write in progress queue",
+    ),
     Param("secure", bool, False, doc="TLS on a plain scheme (the secure schemes always are)"),
     Param("ca_cert", str, None, doc=_TLS_FILE.format("the CA that signs the peer's certificate")),
     Param("server_cert", str, None, doc=_TLS_FILE.format("a listener's certificate")),

@@ -79,9 +79,11 @@ def _small(payload: Payload | None) -> bool:
 class FrameWriter:
     """Orders and writes the frames of one driver connection (see the module docstring)."""
 
-    def __init__(self, conn: Connection, session: Session, name: str) -> None:
+    def __init__(self, conn: Connection, session: Session, name: str, *, stream_handoff: bool = True) -> None:
         self.conn = conn
         self.session = session
+        #: Back-to-back sends of one thread go to the background writer (else each writes its own).
+        self._stream_run = STREAM_RUN if stream_handoff else 1 << 62
         self.name = name
         #: The driver's call for several whole frames at once; None: no coalescing.
         self._send_frames: Any = getattr(conn, "send_frames", None)
@@ -141,7 +143,7 @@ class FrameWriter:
                     now = time.monotonic()
                     self._run = run = self._run + 1 if now - self._last_start < STREAM_GAP else 0
                     self._last_start = now
-                    direct = (run < STREAM_RUN or threading.get_ident() == self.reader) and not (
+                    direct = (run < self._stream_run or threading.get_ident() == self.reader) and not (
                         self._queue or self._urgent
                     )
                     if not direct:

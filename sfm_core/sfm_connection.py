@@ -16,6 +16,7 @@ from .driver import Connection, ConnState, FrameReceiver, Mode
 from .errors import CommError
 from .frame_writer import FrameWriter
 from .frames import Payload
+from .params import get_param
 from .session import Session
 
 if TYPE_CHECKING:
@@ -47,7 +48,7 @@ class SfmConnection:
         #: An inline driver's thread is delivering its frames right now (we are the slow one).
         self.rx_busy = False
         #: Orders and writes this connection's frames (``sfm_core/frame_writer.py``).
-        self.writer = FrameWriter(conn, session, conn.name)
+        self.writer = FrameWriter(conn, session, conn.name, stream_handoff=_stream_handoff(conn))
         #: ``send_data(app_id, stream_id, headers, payload)``: send one DATA frame as
         #: ``[head, *payload]``, the payload never copied (the writer's, bound to this session:
         #: one call less on every message).
@@ -133,6 +134,18 @@ class SfmConnection:
         self.session.begin_close()
         self.writer.close()
         self.conn.close()
+
+
+def _stream_handoff(conn: Connection) -> bool:
+    """The connector's ``stream_handoff`` parameter (checked when it was added)."""
+    connector = conn.connector
+    if connector is None:
+        return True
+    try:
+        scheme = str(connector.params.get("scheme", "sfm"))
+        return bool(get_param(connector.params, "stream_handoff", bool, True, driver=scheme))
+    except CommError:
+        return True
 
 
 def linger_on(sfm_conns: list[SfmConnection], linger: float, local_name: str) -> int:

@@ -127,3 +127,18 @@ def test_a_batch_over_tls_and_over_a_driver_without_send_frames(managers, tmp_pa
     assert getattr(ws_client.get_connections("server")[0].conn, "send_frames", None) is None
     ws_client.send_messages(to_ws, 1, [({"i": i}, b"w%d" % i) for i in range(100)])
     assert [m[3] for m in ws_got.wait_for(100)] == [b"w%d" % i for i in range(100)]
+
+
+@pytest.mark.parametrize("handoff", ["true", "false"])
+def test_stream_handoff_is_a_connector_parameter(managers, monkeypatch, handoff) -> None:
+    """``stream_handoff=false`` keeps every frame of a streaming thread with that thread;
+    by default its back-to-back small frames go out in the background writer's batches."""
+    import sfm_core.frame_writer as fw
+
+    monkeypatch.setattr(fw, "STREAM_GAP", 60.0)  # every send counts as back to back
+    server, client, ep, got = pair(managers, client_params={"stream_handoff": handoff})
+    for i in range(300):
+        client.send_message(ep, 1, None, b"%d" % i)
+    assert [m[3] for m in got.wait_for(300)] == [b"%d" % i for i in range(300)]
+    [sfm_conn] = client.sfm_conns.values()
+    assert (sfm_conn.writer.batches > 0) == (handoff == "true")
