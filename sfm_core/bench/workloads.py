@@ -1,24 +1,40 @@
-"""Parent-side workloads of ``sfm bench``: each returns measured numbers, nothing is assumed."""
+"""The harness of ``sfm bench``: every workload, timing point and measure, defined once.
+
+A *subject* is what is measured: sfm over a scheme (:class:`SfmSubject`) or a bare library
+through its :class:`~sfm_core.bench.baselines.Baseline` adapter (:class:`BaselineSubject`).
+Each opens a :class:`Session`: a fresh child process (``python -m sfm_core.bench.peer``)
+that receives or echoes, connected to this process. The workloads below drive every session
+the same way:
+
+* one-way (rates, throughput): the clock starts right before the first send, here, and stops
+  in the child when the last message's last byte is in (``time.monotonic``, one clock for
+  both processes); CPU time (user+sys, all threads) of each process over that window, and
+  each process's peak RSS from the start of the window;
+* round trip: each sample from right before a send to the echo's arrival, here; the first
+  :data:`~sfm_core.bench.stats.WARMUP_SHARE` of samples dropped, p50/p99 by
+  :func:`~sfm_core.bench.stats.percentile`.
+"""
 
 from __future__ import annotations
 
-import json
+import logging
 import select
-import statistics
-import struct
 import subprocess
 import sys
 import threading
-import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
-from . import raw
-from .peer import raise_nofile
+from .peer import clock, cpu_seconds, peak_rss, reset_peak_rss
 
 if TYPE_CHECKING:
     from sfm_core.pki import Pki
 
-_LEN = struct.Struct(">I")
+    from .baselines import Baseline, Link
+
+log = logging.getLogger(__name__)
 
 
 class PeerProcess:
@@ -32,7 +48,10 @@ class PeerProcess:
             text=True,
         )
 
-    def read(self, timeout: float = 120.0) -> dict:
+    def read(self, timeout: float = 300.0) -> dict:
+        """The child's next JSON line."""
+        import json
+
         assert self.proc.stdout is not None
         ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
         if not ready:
@@ -43,11 +62,13 @@ class PeerProcess:
         return json.loads(line)
 
     def write(self, line: str) -> None:
+        """One line to the child's stdin."""
         assert self.proc.stdin is not None
         self.proc.stdin.write(line + "\n")
         self.proc.stdin.flush()
 
     def close(self) -> None:
+        """Close its stdin (it exits) and reap it."""
         try:
             if self.proc.stdin:
                 self.proc.stdin.close()
@@ -66,55 +87,164 @@ class PeerProcess:
         self.close()
 
 
-def percentiles(samples: list[float]) -> dict:
-    samples = sorted(samples)
-    p99 = samples[min(len(samples) - 1, int(len(samples) * 0.99))]
-    return {"p50_us": statistics.median(samples) * 1e6, "p99_us": p99 * 1e6}
+@dataclass
+class Measurement:
+    """What one run of a workload measured (times in seconds, sizes in bytes)."""
+
+    count: int
+    size: int
+    #: One-way: first send to last byte at the receiver. Round trip: the whole run.
+    elapsed: float
+    cpu_sender: float
+    cpu_receiver: float
+    peak_rss_sender: int
+    peak_rss_receiver: int
+    #: Round trip only: every sample, warm-up included (the statistics drop it).
+    samples: list[float] | None = None
 
 
-# -- raw sockets -------------------------------------------------------------------------
+class Session(Protocol):
+    """One connection from this process to a fresh receiving or echoing child."""
+
+    peer: PeerProcess
+    #: Whether ``send`` may be called from several threads at once (else the harness locks).
+    thread_safe: bool
+
+    def send(self, payload: bytes) -> None:
+        """Send one message."""
+
+    def round_trips(self, payload: bytes, count: int) -> list[float]:
+        """``count`` round trips one after the other; each sample from right before its send
+        to the echo's arrival (:func:`link_round_trips` for a link)."""
 
 
-def _raw_connect(port: int):
-    import socket
+def link_round_trips(link: Link, payload: bytes, count: int) -> list[float]:
+    """Round trips over a baseline link: send, wait for the echo, next."""
+    samples = []
+    send, recv = link.send, link.recv
+    for _ in range(count):
+        t = clock()
+        send(payload)
+        recv()
+        samples.append(clock() - t)
+    return samples
 
-    sock = socket.create_connection(("127.0.0.1", port))
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock
+
+class Subject(Protocol):
+    """What is measured: opens sessions."""
+
+    #: The row name.
+    name: str
+
+    def session(self, mode: str, count: int) -> Any:
+        """A context manager giving a :class:`Session` to a child that will ``recv`` or
+        ``echo`` ``count`` messages."""
 
 
-def raw_oneway(size: int, count: int) -> float:
-    """Seconds the receiver took for ``count - 1`` messages after the first."""
+def _arm(peer: PeerProcess) -> None:
+    peer.write("start")
+    if not peer.read().get("armed"):
+        raise RuntimeError("bench peer did not arm")
+
+
+def oneway(subject: Subject, size: int, count: int, senders: int = 1, batch: int = 0) -> Measurement:
+    """``count`` messages of ``size`` bytes to a receiving child, from ``senders`` threads
+    (each its share, in parallel on one connection), or with ``batch`` > 0 through
+    ``send_batch`` in lists of that many (``count`` is rounded down to a multiple)."""
+    if batch:
+        count -= count % batch
     payload = b"x" * size
-    with PeerProcess("raw-recv", "--count", str(count)) as peer:
-        sock = _raw_connect(peer.read()["port"])
-        try:
-            if size <= 64 * 1024:
-                for _ in range(count):
-                    sock.sendall(_LEN.pack(size) + payload)  # one send per message
-            else:
-                for _ in range(count):
-                    raw.send_large(sock, payload)
-            result = peer.read()
-        finally:
-            sock.close()
-    return result["elapsed"]
+    with subject.session("recv", count) as s:
+        _arm(s.peer)
+        send = s.send
+        if senders > 1 and not s.thread_safe:
+            lock = threading.Lock()
 
+            def send(p: bytes, _send: Callable = s.send) -> None:
+                with lock:
+                    _send(p)
 
-def raw_rtt(size: int, count: int) -> dict:
-    payload = b"x" * size
-    with PeerProcess("raw-echo") as peer:
-        sock = _raw_connect(peer.read()["port"])
-        try:
-            samples = []
+        go = threading.Event()
+        threads = []
+        if senders > 1:
+            shares = [count // senders + (i < count % senders) for i in range(senders)]
+
+            def sender(n: int) -> None:
+                go.wait()
+                for _ in range(n):
+                    send(payload)
+
+            threads = [
+                threading.Thread(target=sender, args=(n,), name=f"bench-sender-{i}") for i, n in enumerate(shares)
+            ]
+            for t in threads:
+                t.start()
+        reset_peak_rss()
+        cpu0 = cpu_seconds()
+        t0 = clock()
+        if threads:
+            go.set()
+            for t in threads:
+                t.join()
+        elif batch:
+            messages = [(None, payload)] * batch
+            send_batch = s.send_batch
+            for _ in range(count // batch):
+                send_batch(messages)
+        else:
             for _ in range(count):
-                t0 = time.perf_counter()
-                raw.send_message(sock, payload)
-                raw.recv_message(sock)
-                samples.append(time.perf_counter() - t0)
-        finally:
-            sock.close()
-    return percentiles(samples[count // 10 :])
+                send(payload)
+        result = s.peer.read()
+        cpu = cpu_seconds() - cpu0
+        rss = peak_rss()
+    return Measurement(count, size, result["t_end"] - t0, cpu, result["cpu"], rss, result["peak_rss"])
+
+
+def round_trip(subject: Subject, size: int, count: int) -> Measurement:
+    """``count`` round trips of ``size`` bytes with an echoing child."""
+    payload = b"x" * size
+    with subject.session("echo", count) as s:
+        _arm(s.peer)
+        reset_peak_rss()
+        cpu0 = cpu_seconds()
+        t0 = clock()
+        samples = s.round_trips(payload, count)
+        result = s.peer.read()
+        cpu = cpu_seconds() - cpu0
+        rss = peak_rss()
+    return Measurement(count, size, result["t_end"] - t0, cpu, result["cpu"], rss, result["peak_rss"], samples)
+
+
+# -- a baseline through its adapter ------------------------------------------------------------
+
+
+class _LinkSession:
+    thread_safe = False  # an adapter promises one sender at a time
+
+    def __init__(self, peer: PeerProcess, link: Link) -> None:
+        self.peer, self.link = peer, link
+        self.send = link.send
+
+    def round_trips(self, payload: bytes, count: int) -> list[float]:
+        return link_round_trips(self.link, payload, count)
+
+
+class BaselineSubject:
+    """A bare library through its adapter; ``key`` names it to the child (see ``baselines.load``)."""
+
+    def __init__(self, key: str, baseline: Baseline) -> None:
+        self.key, self.baseline = key, baseline
+        self.name = baseline.name
+
+    @contextmanager
+    def session(self, mode: str, count: int) -> Iterator[_LinkSession]:
+        """A child listening through the adapter, and this side's link to it."""
+        with PeerProcess(f"base-{mode}", "--baseline", self.key, "--count", str(count)) as peer:
+            link = self.baseline.connect(peer.read()["address"])
+            try:
+                yield _LinkSession(peer, link)
+            finally:
+                link.close()
 
 
 # -- sfm over a driver -------------------------------------------------------------------
@@ -137,6 +267,8 @@ def _client(url: str, name: str = "bench-client", pki: Pki | None = None) -> Any
 
 
 def _wait_ready(manager: Any, name: str, timeout: float = 30.0) -> Any:
+    import time
+
     from sfm_core import EndpointState
 
     deadline = time.monotonic() + timeout
@@ -148,174 +280,64 @@ def _wait_ready(manager: Any, name: str, timeout: float = 30.0) -> Any:
     raise TimeoutError(f"{name} not READY after {timeout} s")
 
 
-def sfm_oneway(scheme: str, size: int, count: int, pki: Pki | None = None, wrap_receiver: bool = False) -> float:
-    """Seconds the receiver took for ``count - 1`` messages after the first. With
-    ``wrap_receiver`` the receiving peer runs the pass-through ``sfm_wrap_frame_receiver``
-    plugin (:mod:`.wrapper`), which must have seen every message's frames."""
-    payload = b"x" * size
-    more = ["--count", str(count), *(["--wrap-receiver"] if wrap_receiver else [])]
-    with PeerProcess(*_peer_args("sfm-recv", scheme, pki, *more)) as peer:
-        url = peer.read()["url"]
-        manager = _client(url, pki=pki)
-        manager.start()
-        try:
-            server = _wait_ready(manager, "bench-server")
-            send = manager.send_message
-            for _ in range(count):
-                send(server, 1, None, payload)
-            result = peer.read()
-        finally:
-            manager.stop()
-    if wrap_receiver and result.get("wrapped_frames", 0) < count:
-        raise RuntimeError(f"the receiver wrapper saw {result.get('wrapped_frames', 0)} frames of {count} messages")
-    return result["elapsed"]
+class _SfmSession:
+    thread_safe = True  # ConnManager.send_message is
 
+    def __init__(self, peer: PeerProcess, manager: Any, server: Any) -> None:
+        from functools import partial
 
-def sfm_rtt(scheme: str, size: int, count: int, pki: Pki | None = None) -> dict:
-    from sfm_core import MessageReceiver
+        self.peer, self.manager, self.server = peer, manager, server
+        self.send = partial(manager.send_message, server, 1, None)
+        self.send_batch = partial(manager.send_messages, server, 1)
 
-    payload = b"x" * size
-    samples: list[float] = []
-    done = threading.Event()
-    with PeerProcess(*_peer_args("sfm-echo", scheme, pki)) as peer:
-        url = peer.read()["url"]
-        manager = _client(url, pki=pki)
+    def round_trips(self, payload: bytes, count: int) -> list[float]:
+        """Ping-pong driven from the receiver callback, as a request/response app would be
+        (no thread hop): same timing points as :func:`link_round_trips`."""
+        from sfm_core import MessageReceiver
+
+        samples: list[float] = []
+        done = threading.Event()
         state = {"t0": 0.0}
+        manager = self.manager
 
         class PingPong(MessageReceiver):
-            # Driven from the receiver, as a request/response app would be: no extra thread hop.
             def process_message(self, endpoint, connection, app_id, message) -> None:
-                now = time.perf_counter()
-                samples.append(now - state["t0"])
+                samples.append(clock() - state["t0"])
                 if len(samples) >= count:
                     done.set()
                     return
-                state["t0"] = time.perf_counter()
+                state["t0"] = clock()
                 manager.send_message(endpoint, 1, None, payload)
 
         manager.register_message_receiver(1, PingPong())
-        manager.start()
-        try:
-            server = _wait_ready(manager, "bench-server")
-            state["t0"] = time.perf_counter()
-            manager.send_message(server, 1, None, payload)
-            if not done.wait(120):
-                raise TimeoutError("ping-pong did not finish")
-        finally:
-            manager.stop()
-    return percentiles(samples[count // 10 :])
+        state["t0"] = clock()
+        manager.send_message(self.server, 1, None, payload)
+        if not done.wait(300):
+            raise TimeoutError("ping-pong did not finish")
+        return samples
 
 
-def tcp_fanin(url: str, count: int, timeout: float, in_flight: int = 1000) -> dict:
-    """``count`` light TCP clients, each speaking HELLO through the codec and waiting for READY.
+class SfmSubject:
+    """sfm over ``scheme`` (with ``pki``'s certificates: mutual TLS); with ``wrap_receiver`` the
+    receiving child runs the pass-through ``sfm_wrap_frame_receiver`` plugin (:mod:`.wrapper`),
+    which must have seen every message's frames."""
 
-    At most ``in_flight`` clients are connecting or handshaking at once, as when a crowd of
-    sites ramps up: beyond the listener's accept queue (net.core.somaxconn, 4096 here) the
-    kernel would drop SYNs and the clients would wait out 1 s retransmit timers instead.
-    """
-    import selectors
-    import socket
+    def __init__(self, scheme: str, pki: Pki | None = None, wrap_receiver: bool = False, name: str = "") -> None:
+        self.scheme, self.pki, self.wrap_receiver = scheme, pki, wrap_receiver
+        self.name = name or scheme
 
-    from sfm_core.frames import FrameDecoder, FrameType, decode_frame, encode_frame
-    from sfm_core.handshake import build_handshake
-    from sfm_core.url import parse_url
-
-    raise_nofile()
-    params = parse_url(url)
-    addr = (params.get("host", "127.0.0.1"), params["port"])
-    sel = selectors.DefaultSelector()
-    socks = []
-    ready = 0
-    started = 0
-    start = time.perf_counter()
-    deadline = time.monotonic() + timeout
-    try:
-        while ready < count and time.monotonic() < deadline:
-            while started < count and started - ready < in_flight:
-                s = socket.socket()
-                s.setblocking(False)
-                s.connect_ex(addr)
-                socks.append(s)
-                hello = b"".join(encode_frame(FrameType.HELLO, 0, 1, None, build_handshake(f"fan-{started}", {})))
-                sel.register(s, selectors.EVENT_WRITE, [hello, FrameDecoder(buffer_size=4096, large_frame=2048)])
-                started += 1
-            for key, events in sel.select(0.5):
-                s = key.fileobj
-                hello, decoder = key.data
-                if events & selectors.EVENT_WRITE and hello:
-                    try:
-                        s.send(hello)
-                    except OSError:
-                        continue
-                    key.data[0] = b""
-                    sel.modify(s, selectors.EVENT_READ, key.data)
-                elif events & selectors.EVENT_READ:
-                    try:
-                        data = s.recv(4096)
-                    except OSError:
-                        continue
-                    for frame in decoder.feed(data):
-                        if decode_frame(frame).type == FrameType.READY:
-                            ready += 1
-                            sel.unregister(s)
-        seconds = time.perf_counter() - start
-    finally:
-        sel.close()
-        for s in socks:
-            s.close()
-    return {"ready": ready, "seconds": seconds}
-
-
-def tls_fanin(url: str, count: int, timeout: float, *, tls: dict, in_flight: int = 100) -> dict:
-    """``count`` light TLS clients (one asyncio loop), each claiming ``fan-N`` in a HELLO built
-    through the codec and waiting for READY; at most ``in_flight`` connecting or handshaking
-    at once. All present the same client certificate (``tls``: client TLS params), so the
-    listener needs an identity map taking ``fan-`` names to its CN. Connections stay open
-    until the last is READY (or ``timeout``)."""
-    import asyncio
-
-    from sfm_core.frames import FrameDecoder, FrameType, decode_frame, encode_frame
-    from sfm_core.handshake import build_handshake
-    from sfm_core.tls import TlsSettings
-    from sfm_core.url import parse_url
-
-    raise_nofile()
-    params = parse_url(url)
-    host, port = params.get("host", "127.0.0.1"), params["port"]
-    scheme = params["scheme"]
-    ctx = TlsSettings({**tls, "scheme": scheme}, server=False, scheme=scheme, driver="bench").client_context()
-
-    async def one(i: int, gate: asyncio.Semaphore, writers: list) -> bool:
-        async with gate:
-            reader, writer = await asyncio.open_connection(host, port, ssl=ctx)
-            writers.append(writer)
-            writer.write(b"".join(encode_frame(FrameType.HELLO, 0, 1, None, build_handshake(f"fan-{i}", {}))))
-            decoder = FrameDecoder(buffer_size=4096, large_frame=2048)
-            while True:
-                data = await reader.read(4096)
-                if not data:
-                    return False
-                for frame in decoder.feed(data):
-                    if decode_frame(frame).type == FrameType.READY:
-                        return True
-
-    async def crowd() -> dict:
-        gate = asyncio.Semaphore(in_flight)
-        writers: list = []
-        start = time.perf_counter()
-        tasks = [asyncio.ensure_future(one(i, gate, writers)) for i in range(count)]
-        done, pending = await asyncio.wait(tasks, timeout=timeout)
-        seconds = time.perf_counter() - start
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)  # retrieves refusals and cancellations
-        ready = sum(1 for t in done if not t.cancelled() and t.exception() is None and t.result())
-        for writer in writers:
-            writer.transport.abort()  # no close_notify round trips: the listener just sees them go
-        await asyncio.sleep(0)
-        return {"ready": ready, "seconds": seconds}
-
-    return asyncio.run(crowd())
+    @contextmanager
+    def session(self, mode: str, count: int) -> Iterator[_SfmSession]:
+        """A child ConnManager (``bench-server``) and a ConnManager here connected to it."""
+        more = ["--count", str(count), *(["--wrap-receiver"] if self.wrap_receiver else [])]
+        with PeerProcess(*_peer_args(f"sfm-{mode}", self.scheme, self.pki, *more)) as peer:
+            manager = _client(peer.read()["url"], pki=self.pki)
+            manager.start()
+            try:
+                session = _SfmSession(peer, manager, _wait_ready(manager, "bench-server"))
+                yield session
+            finally:
+                manager.stop()
 
 
 def sfm_fanin(
@@ -328,6 +350,8 @@ def sfm_fanin(
 ) -> dict:
     """Fan-in against a real ConnManager listener in a child process (with the PKI's server
     certificate and ``identity_map`` if given)."""
+    import time
+
     more = [f"--identity-map={k}={v}" for k, v in (identity_map or {}).items()]
     with PeerProcess(*_peer_args("sfm-listen", scheme, pki, *more)) as peer:
         url = peer.read()["url"]
