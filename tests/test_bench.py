@@ -479,6 +479,8 @@ def baseline_dists(tmp_path, monkeypatch):
         "fakescheme = fake_baselines:FakeBaseline\n"
         "broken = fake_broken:Nothing\n"
         "notone = fake_baselines:NOT_A_BASELINE\n"
+        "mixed = fake_baselines:Mixed\n"
+        "fakeasync = sfm_core.bench.baselines.websockets:WebsocketsBaseline\n"
     )
     (tmp_path / "fake_baselines.py").write_text(
         textwrap.dedent(
@@ -489,6 +491,10 @@ def baseline_dists(tmp_path, monkeypatch):
                 name = "fake lib 1.0"
 
             NOT_A_BASELINE = object()
+
+            class Mixed(RawBaseline):
+                async def listen(self):
+                    return super().listen()
             """
         )
     )
@@ -508,8 +514,9 @@ def test_a_third_party_baseline_is_loaded_and_broken_ones_are_named_and_skipped(
     key, base = found.for_("fakescheme")
     assert key == "ep:fakescheme" and base.name == "fake lib 1.0" and isinstance(base, baselines.Baseline)
     errors = dict(found.errors)
-    assert set(errors) == {"broken", "notone"}
+    assert set(errors) == {"broken", "notone", "mixed"}
     assert "fake_broken cannot load" in errors["broken"] and "does not implement Baseline" in errors["notone"]
+    assert "both be coroutines or neither" in errors["mixed"]
     assert "broken" in caplog.text and found.for_("broken") is None
     assert found.for_("tcp")[0] == "raw"  # the built-ins are still there
 
@@ -524,6 +531,21 @@ def test_a_third_party_baseline_runs_through_the_same_harness_in_both_processes(
     assert (m.count, m.size) == (200, 100) and m.elapsed > 0 and m.cpu_receiver > 0
     rows = {r.workload: r for r in _rtt_rows(subject)}
     assert rows["rtt_p50"].scheme == "fake lib 1.0" and rows["rtt_p50"].value <= rows["rtt_p99"].value
+
+
+def test_an_asyncio_baseline_runs_on_an_event_loop_in_both_processes(baseline_dists) -> None:
+    pytest.importorskip("websockets")
+    from sfm_core.bench import baselines
+    from sfm_core.bench import workloads as wl
+
+    key, base = baselines.load().for_("fakeasync")
+    assert baselines.is_async(base)
+    subject = wl.BaselineSubject(key, base)
+    for senders in (1, 4):  # tasks stand for the sender threads
+        m = wl.oneway(subject, 100, 200, senders=senders)
+        assert m.count == 200 and m.elapsed > 0 and m.cpu_sender > 0 and m.cpu_receiver > 0
+    rows = {r.workload: r for r in _rtt_rows(subject)}
+    assert 0 < rows["rtt_p50"].value <= rows["rtt_p99"].value
 
 
 def _rtt_rows(subject) -> list[Result]:

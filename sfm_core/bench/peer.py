@@ -17,6 +17,7 @@ import resource
 import sys
 import threading
 import time
+from typing import Any
 
 #: The one clock of every timing point that spans two processes (CLOCK_MONOTONIC on Linux).
 clock = time.monotonic
@@ -107,9 +108,14 @@ def report(t_end: float, cpu0: float, **more: object) -> None:
 
 def baseline_server(mode: str, key: str, count: int) -> None:
     """Receive or echo ``count`` messages through the baseline ``key``'s adapter."""
-    from .baselines import load
+    from .baselines import is_async, load
 
     baseline = load().by_key[key]
+    if is_async(baseline):
+        import asyncio
+
+        asyncio.run(_async_baseline_server(mode, baseline, count))
+        return
     listener = baseline.listen()
     emit(address=listener.address)
     cpu0 = arm()
@@ -129,6 +135,32 @@ def baseline_server(mode: str, key: str, count: int) -> None:
     finally:
         link.close()
         listener.close()
+
+
+async def _async_baseline_server(mode: str, baseline: Any, count: int) -> None:
+    """:func:`baseline_server` for an asyncio adapter: the same loop, awaited."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    listener = await baseline.listen()
+    emit(address=listener.address)
+    cpu0 = await loop.run_in_executor(None, arm)
+    link = await listener.accept(60.0)
+    try:
+        recv, send = link.recv, link.send
+        if mode == "recv":
+            for _ in range(count):
+                await recv()
+            t_end = clock()
+        else:
+            for _ in range(count):
+                await send(await recv())
+            t_end = clock()
+        report(t_end, cpu0)
+        await loop.run_in_executor(None, wait_stdin_closed)
+    finally:
+        await link.close()
+        await listener.close()
 
 
 # -- sfm -------------------------------------------------------------------------------

@@ -107,11 +107,9 @@ class Session(Protocol):
     """One connection from this process to a fresh receiving or echoing child."""
 
     peer: PeerProcess
-    #: Whether ``send`` may be called from several threads at once (else the harness locks).
-    thread_safe: bool
 
-    def send(self, payload: bytes) -> None:
-        """Send one message."""
+    def send_all(self, payload: bytes, count: int, senders: int, batch: int) -> float:
+        """Send ``count`` messages (:func:`send_all`); the clock right before the first send."""
 
     def round_trips(self, payload: bytes, count: int) -> list[float]:
         """``count`` round trips one after the other; each sample from right before its send
@@ -126,6 +124,18 @@ def link_round_trips(link: Link, payload: bytes, count: int) -> list[float]:
         t = clock()
         send(payload)
         recv()
+        samples.append(clock() - t)
+    return samples
+
+
+async def async_link_round_trips(link: Any, payload: bytes, count: int) -> list[float]:
+    """:func:`link_round_trips` over an :class:`~sfm_core.bench.baselines.AsyncLink`."""
+    samples = []
+    send, recv = link.send, link.recv
+    for _ in range(count):
+        t = clock()
+        await send(payload)
+        await recv()
         samples.append(clock() - t)
     return samples
 
@@ -147,6 +157,86 @@ def _arm(peer: PeerProcess) -> None:
         raise RuntimeError("bench peer did not arm")
 
 
+def send_all(
+    send: Callable[[bytes], None],
+    payload: bytes,
+    count: int,
+    senders: int = 1,
+    thread_safe: bool = False,
+    send_batch: Callable[[list], None] | None = None,
+    batch: int = 0,
+) -> float:
+    """Send ``count`` messages: one loop, ``senders`` threads in parallel (each its share; a
+    lock around ``send`` unless ``thread_safe``), or lists of ``batch`` through ``send_batch``.
+    Returns the clock right before the first send: the start of every one-way measurement."""
+    if batch:
+        assert send_batch is not None
+        messages = [(None, payload)] * batch
+        t0 = clock()
+        for _ in range(count // batch):
+            send_batch(messages)
+        return t0
+    if senders == 1:
+        t0 = clock()
+        for _ in range(count):
+            send(payload)
+        return t0
+    if not thread_safe:
+        lock = threading.Lock()
+        unlocked = send
+
+        def send(p: bytes) -> None:
+            with lock:
+                unlocked(p)
+
+    go = threading.Event()
+
+    def sender(n: int) -> None:
+        go.wait()
+        for _ in range(n):
+            send(payload)
+
+    shares = [count // senders + (i < count % senders) for i in range(senders)]
+    threads = [threading.Thread(target=sender, args=(n,), name=f"bench-sender-{i}") for i, n in enumerate(shares)]
+    for t in threads:
+        t.start()
+    t0 = clock()
+    go.set()
+    for t in threads:
+        t.join()
+    return t0
+
+
+async def send_all_async(link: Any, payload: bytes, count: int, senders: int = 1) -> float:
+    """:func:`send_all` over an :class:`~sfm_core.bench.baselines.AsyncLink`: ``senders``
+    tasks on the loop stand for the threads (an asyncio lock around ``send``: one write at a
+    time, as grpc.aio requires)."""
+    send = link.send
+    if senders == 1:
+        t0 = clock()
+        for _ in range(count):
+            await send(payload)
+        return t0
+    import asyncio
+
+    lock = asyncio.Lock()
+    go = asyncio.Event()
+
+    async def sender(n: int) -> None:
+        await go.wait()
+        for _ in range(n):
+            async with lock:
+                await send(payload)
+
+    shares = [count // senders + (i < count % senders) for i in range(senders)]
+    tasks = [asyncio.ensure_future(sender(n)) for n in shares]
+    await asyncio.sleep(0)  # every task waiting on go
+    t0 = clock()
+    go.set()
+    await asyncio.gather(*tasks)
+    return t0
+
+
 def oneway(subject: Subject, size: int, count: int, senders: int = 1, batch: int = 0) -> Measurement:
     """``count`` messages of ``size`` bytes to a receiving child, from ``senders`` threads
     (each its share, in parallel on one connection), or with ``batch`` > 0 through
@@ -156,44 +246,9 @@ def oneway(subject: Subject, size: int, count: int, senders: int = 1, batch: int
     payload = b"x" * size
     with subject.session("recv", count) as s:
         _arm(s.peer)
-        send = s.send
-        if senders > 1 and not s.thread_safe:
-            lock = threading.Lock()
-
-            def send(p: bytes, _send: Callable = s.send) -> None:
-                with lock:
-                    _send(p)
-
-        go = threading.Event()
-        threads = []
-        if senders > 1:
-            shares = [count // senders + (i < count % senders) for i in range(senders)]
-
-            def sender(n: int) -> None:
-                go.wait()
-                for _ in range(n):
-                    send(payload)
-
-            threads = [
-                threading.Thread(target=sender, args=(n,), name=f"bench-sender-{i}") for i, n in enumerate(shares)
-            ]
-            for t in threads:
-                t.start()
         reset_peak_rss()
         cpu0 = cpu_seconds()
-        t0 = clock()
-        if threads:
-            go.set()
-            for t in threads:
-                t.join()
-        elif batch:
-            messages = [(None, payload)] * batch
-            send_batch = s.send_batch
-            for _ in range(count // batch):
-                send_batch(messages)
-        else:
-            for _ in range(count):
-                send(payload)
+        t0 = s.send_all(payload, count, senders, batch)
         result = s.peer.read()
         cpu = cpu_seconds() - cpu0
         rss = peak_rss()
@@ -219,14 +274,31 @@ def round_trip(subject: Subject, size: int, count: int) -> Measurement:
 
 
 class _LinkSession:
-    thread_safe = False  # an adapter promises one sender at a time
-
     def __init__(self, peer: PeerProcess, link: Link) -> None:
         self.peer, self.link = peer, link
-        self.send = link.send
+
+    def send_all(self, payload: bytes, count: int, senders: int, batch: int) -> float:
+        if batch:
+            raise ValueError("a baseline has no batch API")
+        return send_all(self.link.send, payload, count, senders)  # an adapter: one sender at a time
 
     def round_trips(self, payload: bytes, count: int) -> list[float]:
         return link_round_trips(self.link, payload, count)
+
+
+class _AsyncLinkSession:
+    """A session over an asyncio adapter: its own event loop in this thread, for the session."""
+
+    def __init__(self, peer: PeerProcess, loop: Any, link: Any) -> None:
+        self.peer, self.loop, self.link = peer, loop, link
+
+    def send_all(self, payload: bytes, count: int, senders: int, batch: int) -> float:
+        if batch:
+            raise ValueError("a baseline has no batch API")
+        return self.loop.run_until_complete(send_all_async(self.link, payload, count, senders))
+
+    def round_trips(self, payload: bytes, count: int) -> list[float]:
+        return self.loop.run_until_complete(async_link_round_trips(self.link, payload, count))
 
 
 class BaselineSubject:
@@ -237,14 +309,31 @@ class BaselineSubject:
         self.name = baseline.name
 
     @contextmanager
-    def session(self, mode: str, count: int) -> Iterator[_LinkSession]:
+    def session(self, mode: str, count: int) -> Iterator[_LinkSession | _AsyncLinkSession]:
         """A child listening through the adapter, and this side's link to it."""
+        from .baselines import is_async
+
         with PeerProcess(f"base-{mode}", "--baseline", self.key, "--count", str(count)) as peer:
-            link = self.baseline.connect(peer.read()["address"])
+            address = peer.read()["address"]
+            if not is_async(self.baseline):
+                link = self.baseline.connect(address)
+                try:
+                    yield _LinkSession(peer, link)
+                finally:
+                    link.close()
+                return
+            import asyncio
+
+            # A fresh loop for the session: this thread runs none (the drivers' loops have threads of their own).
+            loop = asyncio.new_event_loop()
             try:
-                yield _LinkSession(peer, link)
+                alink = loop.run_until_complete(self.baseline.connect(address))
+                try:
+                    yield _AsyncLinkSession(peer, loop, alink)
+                finally:
+                    loop.run_until_complete(alink.close())
             finally:
-                link.close()
+                loop.close()
 
 
 # -- sfm over a driver -------------------------------------------------------------------
@@ -281,14 +370,16 @@ def _wait_ready(manager: Any, name: str, timeout: float = 30.0) -> Any:
 
 
 class _SfmSession:
-    thread_safe = True  # ConnManager.send_message is
-
     def __init__(self, peer: PeerProcess, manager: Any, server: Any) -> None:
+        self.peer, self.manager, self.server = peer, manager, server
+
+    def send_all(self, payload: bytes, count: int, senders: int, batch: int) -> float:
         from functools import partial
 
-        self.peer, self.manager, self.server = peer, manager, server
-        self.send = partial(manager.send_message, server, 1, None)
-        self.send_batch = partial(manager.send_messages, server, 1)
+        send = partial(self.manager.send_message, self.server, 1, None)
+        send_batch = partial(self.manager.send_messages, self.server, 1)
+        # ConnManager.send_message is thread-safe: no lock around it.
+        return send_all(send, payload, count, senders, thread_safe=True, send_batch=send_batch, batch=batch)
 
     def round_trips(self, payload: bytes, count: int) -> list[float]:
         """Ping-pong driven from the receiver callback, as a request/response app would be

@@ -1,19 +1,24 @@
 """The baselines of ``sfm bench``: bare libraries that only move bytes, one adapter each.
 
 An adapter implements :class:`Baseline`: ``listen()`` in the receiving (child) process,
-``connect()`` in the sending (parent) process, and a :class:`Link` on each side that sends and
-receives whole messages. It measures nothing: the harness (:mod:`sfm_core.bench.workloads`)
-owns the workloads, the timing points, warm-up and statistics, and uses every adapter, and
-sfm itself, the same way.
+``connect()`` in the sending (parent) process, and a :class:`Link` on each side that sends
+and receives whole messages. An asyncio library implements :class:`AsyncBaseline` instead
+(the same methods as coroutines, :class:`AsyncLink`): the harness then runs its loops on an
+event loop in each process, so the library is measured the way an asyncio driver uses it.
+An adapter measures nothing: the harness (:mod:`sfm_core.bench.workloads`) owns the
+workloads, the timing points, warm-up and statistics, and uses every adapter, and sfm
+itself, the same way.
 
-Built in: raw sockets (``tcp``), ``grpcio`` (``grpc``), ``websockets`` (``ws``, ``http``) and
-``pyzmq`` (a reference row, when installed). A third-party distribution adds one through the
-entry-point group ``sfm.bench_baselines`` (name: the scheme it is the baseline of; value: an
-object or class implementing :class:`Baseline`), see ``docs/benchmarks.md``.
+Built in: raw sockets (``tcp``), ``grpc.aio`` (``grpc``), ``websockets`` asyncio (``ws``,
+``http``) and ``pyzmq`` (a reference row, when installed). A third-party distribution adds
+one through the entry-point group ``sfm.bench_baselines`` (name: the scheme it is the
+baseline of; value: an object or class implementing :class:`Baseline` or
+:class:`AsyncBaseline`), see ``docs/benchmarks.md``.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
@@ -73,6 +78,52 @@ class Baseline(Protocol):
         """Connect to a :class:`Listener`'s ``address``; return once the connection is up."""
 
 
+class AsyncLink(Protocol):
+    """:class:`Link` of an asyncio library: the same methods, as coroutines."""
+
+    async def send(self, payload: Buffer) -> None:
+        """Send one message."""
+
+    async def recv(self) -> Buffer:
+        """The next whole message."""
+
+    async def close(self) -> None:
+        """Close the connection."""
+
+
+class AsyncListener(Protocol):
+    """:class:`Listener` of an asyncio library."""
+
+    address: str
+
+    async def accept(self, timeout: float) -> AsyncLink:
+        """The first (only) connection."""
+
+    async def close(self) -> None:
+        """Stop listening."""
+
+
+class AsyncBaseline(Protocol):
+    """:class:`Baseline` of an asyncio library: ``listen`` and ``connect`` are coroutines,
+    called on the event loop the harness runs in each process."""
+
+    name: str
+
+    def available(self) -> str | None:
+        """None if it can run here, else why not."""
+
+    async def listen(self) -> AsyncListener:
+        """Listen on 127.0.0.1 (in the child process)."""
+
+    async def connect(self, address: str) -> AsyncLink:
+        """Connect to an :class:`AsyncListener`'s ``address``."""
+
+
+def is_async(baseline: Baseline | AsyncBaseline) -> bool:
+    """Whether ``baseline`` is an :class:`AsyncBaseline` (its ``connect`` is a coroutine function)."""
+    return inspect.iscoroutinefunction(baseline.connect)
+
+
 def version(dist: str) -> str:
     """The installed version of ``dist``, or ``?``."""
     from importlib.metadata import PackageNotFoundError
@@ -95,7 +146,7 @@ def missing(module: str) -> str | None:
     return None if found else f"{module} is not installed"
 
 
-def builtin() -> dict[str, Baseline]:
+def builtin() -> dict[str, Baseline | AsyncBaseline]:
     """The built-in adapters by key (their libraries are imported only when used)."""
     from .grpcio import GrpcioBaseline
     from .pyzmq import PyzmqBaseline
@@ -121,13 +172,13 @@ REFERENCE = "pyzmq"
 class Baselines:
     """The baselines of this installation by key, and the entry points that failed to load."""
 
-    by_key: dict[str, Baseline]
+    by_key: dict[str, Baseline | AsyncBaseline]
     #: scheme -> key of its baseline.
     for_scheme: dict[str, str]
     #: (entry point name, error) of each broken entry point; they are skipped.
     errors: list[tuple[str, str]] = field(default_factory=list)
 
-    def for_(self, scheme: str) -> tuple[str, Baseline] | None:
+    def for_(self, scheme: str) -> tuple[str, Baseline | AsyncBaseline] | None:
         """The key and baseline of ``scheme``, or None."""
         key = self.for_scheme.get(scheme)
         return None if key is None else (key, self.by_key[key])
@@ -146,8 +197,10 @@ def load() -> Baselines:
             obj = ep.load()
             if isinstance(obj, type):
                 obj = obj()
-            if not isinstance(obj, Baseline):
+            if not isinstance(obj, Baseline):  # checks the members; AsyncBaseline has the same names
                 raise TypeError(f"{ep.value} does not implement Baseline (name, available, listen, connect)")
+            if inspect.iscoroutinefunction(obj.listen) != is_async(obj):
+                raise TypeError(f"{ep.value}: listen and connect must both be coroutines or neither")
         except Exception as e:  # a third party's code: anything may go wrong in it
             log.warning("bench baseline entry point %r skipped: %s: %s", ep.name, type(e).__name__, e)
             result.errors.append((ep.name, f"{type(e).__name__}: {e}"))

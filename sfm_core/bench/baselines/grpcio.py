@@ -1,15 +1,13 @@
-"""grpcio (sync API): one bidirectional stream, one gRPC message per ``send``, bytes as they are.
+"""grpcio (``grpc.aio``, as the driver uses it): one bidirectional stream, one gRPC message
+per ``send``, bytes as they are.
 
 No protobuf: a generic ``stream_stream`` method without serializers moves the bytes, the
-least a gRPC transport can do. The stream is ``/streamer.Streamer/Stream``, the path the
-driver uses.
+least a gRPC transport can do. The stream is ``/streamer.Streamer/Stream``, the driver's path.
 """
 
 from __future__ import annotations
 
-import queue
-import threading
-from collections.abc import Iterator
+import asyncio
 from typing import Any
 
 from . import Buffer, missing, version
@@ -19,60 +17,68 @@ _SERVICE, _METHOD = "streamer.Streamer", "Stream"
 
 
 class GrpcLink:
-    """One stream: sends go through a queue the gRPC request iterator drains (sync grpcio's way)."""
+    """One stream: ``read``/``write`` of a call (client) or of a handler's context (server)."""
 
-    def __init__(self, incoming: Iterator[bytes], outgoing: queue.SimpleQueue, on_close: Any = None) -> None:
-        self.incoming, self.outgoing, self.on_close = incoming, outgoing, on_close
+    def __init__(self, stream: Any, on_close: Any) -> None:
+        self.stream, self.on_close = stream, on_close
 
-    def send(self, payload: Buffer) -> None:
-        """Queue one message (grpcio takes bytes)."""
-        self.outgoing.put(payload if isinstance(payload, bytes) else bytes(payload))
+    async def send(self, payload: Buffer) -> None:
+        """One message (grpcio takes bytes)."""
+        await self.stream.write(payload if isinstance(payload, bytes) else bytes(payload))
 
-    def recv(self) -> bytes:
+    async def recv(self) -> bytes:
         """The next message."""
-        return next(self.incoming)
+        import grpc
 
-    def close(self) -> None:
+        msg = await self.stream.read()
+        if msg is grpc.aio.EOF:
+            raise ConnectionError("stream ended")
+        return msg
+
+    async def close(self) -> None:
         """End the stream."""
-        self.outgoing.put(None)
-        if self.on_close is not None:
-            self.on_close()
+        await self.on_close()
 
 
 class GrpcListener:
-    """A sync ``grpc.server`` with the one stream method; its calls are handed to ``accept``."""
+    """A ``grpc.aio`` server with the one stream method; its calls are handed to ``accept``."""
 
     def __init__(self) -> None:
-        from concurrent import futures
+        self.links: asyncio.Queue[GrpcLink] = asyncio.Queue()
+        self.server: Any = None
+        self.address = ""
 
+    async def start(self) -> GrpcListener:
         import grpc
 
-        self.links: queue.SimpleQueue[GrpcLink] = queue.SimpleQueue()
+        async def stream(request_iterator: Any, context: Any) -> None:
+            closed = asyncio.Event()
 
-        def stream(request_iterator: Iterator[bytes], context: Any) -> Iterator[bytes]:
-            out: queue.SimpleQueue = queue.SimpleQueue()
-            self.links.put(GrpcLink(request_iterator, out))
-            yield from iter(out.get, None)
+            async def close() -> None:
+                closed.set()
 
-        handler = grpc.method_handlers_generic_handler(
-            _SERVICE, {_METHOD: grpc.stream_stream_rpc_method_handler(stream)}
-        )
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=_OPTIONS)
+            await self.links.put(GrpcLink(context, close))
+            await closed.wait()  # the stream lives as long as the handler
+
+        method = grpc.stream_stream_rpc_method_handler(stream)
+        handler = grpc.method_handlers_generic_handler(_SERVICE, {_METHOD: method})
+        self.server = grpc.aio.server(options=_OPTIONS)
         self.server.add_generic_rpc_handlers((handler,))
         self.address = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
-        self.server.start()
+        await self.server.start()
+        return self
 
-    def accept(self, timeout: float) -> GrpcLink:
+    async def accept(self, timeout: float) -> GrpcLink:
         """The first stream."""
-        return self.links.get(timeout=timeout)
+        return await asyncio.wait_for(self.links.get(), timeout)
 
-    def close(self) -> None:
+    async def close(self) -> None:
         """Stop the server at once."""
-        self.server.stop(0).wait(10)
+        await self.server.stop(0)
 
 
 class GrpcioBaseline:
-    """Bare grpcio (sync), the baseline of ``grpc``."""
+    """Bare grpcio (``grpc.aio``), the baseline of ``grpc``."""
 
     @property
     def name(self) -> str:
@@ -83,23 +89,20 @@ class GrpcioBaseline:
         """Only if grpcio is installed."""
         return missing("grpc")
 
-    def listen(self) -> GrpcListener:
+    async def listen(self) -> GrpcListener:
         """Serve on 127.0.0.1, any port."""
-        return GrpcListener()
+        return await GrpcListener().start()
 
-    def connect(self, address: str) -> GrpcLink:
+    async def connect(self, address: str) -> GrpcLink:
         """Open a channel (waiting until it is connected) and one stream on it."""
         import grpc
 
-        channel = grpc.insecure_channel(address, options=_OPTIONS)
-        grpc.channel_ready_future(channel).result(timeout=30)
-        out: queue.SimpleQueue = queue.SimpleQueue()
-        call = channel.stream_stream(f"/{_SERVICE}/{_METHOD}")(iter(out.get, None))
-        lock = threading.Lock()
+        channel = grpc.aio.insecure_channel(address, options=_OPTIONS)
+        await asyncio.wait_for(channel.channel_ready(), 30)
+        call = channel.stream_stream(f"/{_SERVICE}/{_METHOD}")()
 
-        def close() -> None:
-            with lock:
-                call.cancel()
-                channel.close()
+        async def close() -> None:
+            call.cancel()
+            await channel.close()
 
-        return GrpcLink(call, out, close)
+        return GrpcLink(call, close)

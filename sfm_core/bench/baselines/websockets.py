@@ -1,13 +1,8 @@
-"""websockets (its threaded ``websockets.sync`` API): one binary message per ``send``.
-
-The sync API keeps the adapter a plain blocking link like the others; the driver uses the
-asyncio API, whose per-message cost is of the same library.
-"""
+"""websockets (its asyncio API, as the driver uses it): one binary message per ``send``."""
 
 from __future__ import annotations
 
-import queue
-import threading
+import asyncio
 from typing import Any
 
 from . import Buffer, missing, version
@@ -22,54 +17,56 @@ class WsLink:
 
     def __init__(self, ws: Any) -> None:
         self.ws = ws
-        self.closed = threading.Event()
+        self.closed = asyncio.Event()
 
-    def send(self, payload: Buffer) -> None:
+    async def send(self, payload: Buffer) -> None:
         """One binary message."""
-        self.ws.send(payload)
+        await self.ws.send(payload)
 
-    def recv(self) -> Buffer:
+    async def recv(self) -> Buffer:
         """The next message."""
-        return self.ws.recv()
+        return await self.ws.recv()
 
-    def close(self) -> None:
+    async def close(self) -> None:
         """Close the connection."""
         try:
-            self.ws.close()
+            await self.ws.close()
         finally:
             self.closed.set()
 
 
 class WsListener:
-    """A ``websockets.sync.server`` serving in a thread; each connection is handed to ``accept``."""
+    """A ``websockets.asyncio.server``; each connection is handed to ``accept``."""
 
     def __init__(self) -> None:
-        from websockets.sync.server import serve
+        self.links: asyncio.Queue[WsLink] = asyncio.Queue()
+        self.server: Any = None
+        self.address = ""
 
-        self.links: queue.SimpleQueue[WsLink] = queue.SimpleQueue()
+    async def start(self) -> WsListener:
+        from websockets.asyncio.server import serve
 
-        def handler(ws: Any) -> None:
+        async def handler(ws: Any) -> None:
             link = WsLink(ws)
-            self.links.put(link)
-            link.closed.wait()  # the connection lives as long as the handler
+            await self.links.put(link)
+            await link.closed.wait()  # the connection lives as long as the handler
 
-        self.server = serve(handler, "127.0.0.1", 0, **_OPTIONS)
-        self.address = f"ws://127.0.0.1:{self.server.socket.getsockname()[1]}/"
-        self.thread = threading.Thread(target=self.server.serve_forever, name="bench-ws-server", daemon=True)
-        self.thread.start()
+        self.server = await serve(handler, "127.0.0.1", 0, **_OPTIONS)
+        self.address = f"ws://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/"
+        return self
 
-    def accept(self, timeout: float) -> WsLink:
+    async def accept(self, timeout: float) -> WsLink:
         """The first connection."""
-        return self.links.get(timeout=timeout)
+        return await asyncio.wait_for(self.links.get(), timeout)
 
-    def close(self) -> None:
+    async def close(self) -> None:
         """Stop the server."""
-        self.server.shutdown()
-        self.thread.join(10)
+        self.server.close()
+        await self.server.wait_closed()
 
 
 class WebsocketsBaseline:
-    """Bare ``websockets``, the baseline of ``ws`` and ``http``."""
+    """Bare ``websockets`` (asyncio), the baseline of ``ws`` and ``http``."""
 
     @property
     def name(self) -> str:
@@ -80,12 +77,12 @@ class WebsocketsBaseline:
         """Only if websockets is installed."""
         return missing("websockets")
 
-    def listen(self) -> WsListener:
+    async def listen(self) -> WsListener:
         """Serve on 127.0.0.1, any port."""
-        return WsListener()
+        return await WsListener().start()
 
-    def connect(self, address: str) -> WsLink:
+    async def connect(self, address: str) -> WsLink:
         """Connect to ``ws://host:port/``."""
-        from websockets.sync.client import connect
+        from websockets.asyncio.client import connect
 
-        return WsLink(connect(address, **_OPTIONS))
+        return WsLink(await connect(address, **_OPTIONS))
