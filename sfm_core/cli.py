@@ -656,6 +656,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    # Before any driver imports grpc: its core logs a GOAWAY line (INFO) each time a grpc
+    # run's server stops with a stream open, which is how every grpc row ends.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     from .bench import runner
     from .pki import available as pki_available
 

@@ -41,11 +41,17 @@ class PeerProcess:
     """A ``python -m sfm_core.bench.peer`` child speaking JSON lines."""
 
     def __init__(self, *args: str) -> None:
+        import os
+
+        # grpc core logs a GOAWAY line on stderr whenever a server stops with a stream open,
+        # which every grpc run ends with (docs/drivers/grpc.md): only its errors, please.
+        env = {**os.environ, "GRPC_VERBOSITY": os.environ.get("GRPC_VERBOSITY", "ERROR")}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "sfm_core.bench.peer", *args],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
+            env=env,
         )
 
     def read(self, timeout: float = 300.0) -> dict:
@@ -301,6 +307,28 @@ class _AsyncLinkSession:
         return self.loop.run_until_complete(async_link_round_trips(self.link, payload, count))
 
 
+def _close_loop(loop: Any) -> None:
+    """Close a session's loop as ``asyncio.run`` would: the library's leftover tasks cancelled
+    and awaited, its objects freed while the loop still runs (grpc.aio's poller calls back
+    into the loop until its last call and channel are gone)."""
+    import asyncio
+    import gc
+
+    try:
+        gc.collect()
+        loop.run_until_complete(asyncio.sleep(0.01))
+        tasks = [t for t in asyncio.all_tasks(loop) if not t.done()]
+        for t in tasks:
+            t.cancel()
+        if tasks:  # gather() of nothing would make its future on another loop
+            loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        gc.collect()
+        loop.run_until_complete(asyncio.sleep(0.01))
+    finally:
+        loop.close()
+
+
 class BaselineSubject:
     """A bare library through its adapter; ``key`` names it to the child (see ``baselines.load``)."""
 
@@ -332,8 +360,9 @@ class BaselineSubject:
                     yield _AsyncLinkSession(peer, loop, alink)
                 finally:
                     loop.run_until_complete(alink.close())
+                    del alink
             finally:
-                loop.close()
+                _close_loop(loop)
 
 
 # -- sfm over a driver -------------------------------------------------------------------
