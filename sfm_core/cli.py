@@ -656,6 +656,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    # Before any driver imports grpc: its core logs a GOAWAY line (INFO) each time a grpc
+    # run's server stops with a stream open, which is how every grpc row ends.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     from .bench import runner
     from .pki import available as pki_available
 
@@ -674,11 +677,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if args.repeat < 1:
             raise CommError(CommError.BAD_CONFIG, f"--repeat must be at least 1, not {args.repeat}")
         plan = dataclasses.replace(plan, repeat=args.repeat)
+    base = None
+    if args.compare:
+        try:  # read it before the run: a typo should not cost a whole run
+            base = runner.read_json(args.compare)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CommError(CommError.BAD_CONFIG, f"--compare {args.compare}: not a bench JSON file: {e}") from e
     results = runner.run(unique, plan, runner.stderr_progress)
     _out(runner.table(results))
     if args.json:
         runner.write_json(results, args.json)
         _out(f"results written to {args.json}")
+    if base is not None:
+        _out()
+        _out(f"against {args.compare}:")
+        _out(runner.compare(results, base, args.compare))
     return 0
 
 
@@ -743,7 +756,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="the results as JSON on stdout")
     p.set_defaults(func=cmd_demo)
 
-    p = command("bench", "sfm over each driver against raw and bare-library baselines")
+    p = command("bench", "sfm over each driver against raw sockets and bare-library baselines")
     p.add_argument("--schemes", nargs="+", help="schemes to measure (default: every installed one)")
     p.add_argument("--quick", action="store_true", help="smaller counts, one round")
     p.add_argument(
@@ -753,6 +766,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="interleaved rounds, each row the best of them (default 3, --quick 1)",
     )
     p.add_argument("--json", metavar="PATH", help="also write results as JSON")
+    p.add_argument(
+        "--compare",
+        metavar="BASE.json",
+        help="after the run, each row against the same row of an earlier run's --json file",
+    )
     p.set_defaults(func=cmd_bench)
 
     from .config_cli import add_command as add_config

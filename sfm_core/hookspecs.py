@@ -19,7 +19,7 @@ return quickly and must not raise (an exception is logged and otherwise ignored)
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pluggy
 
@@ -64,15 +64,6 @@ def sfm_connection_state_changed(manager: ConnManager, connection: Connection) -
 @hookspec
 def sfm_endpoint_state_changed(manager: ConnManager, endpoint: Endpoint) -> None:
     """A remote endpoint of ``manager`` changed state; ``endpoint.state`` is the new one."""
-
-
-@hookspec(firstresult=True)
-def sfm_bench_baseline(scheme: str) -> Any:
-    """A bare-library baseline for ``sfm bench`` on ``scheme``, or None.
-
-    Return an object with ``name`` (str) and ``run(workload: str, size: int, count: int) ->
-    dict`` giving the same measures as the sfm run of that workload (see ``sfm_core.bench``).
-    """
 
 
 # -- Connection: admitting a peer ---------------------------------------------------------

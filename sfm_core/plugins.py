@@ -23,7 +23,7 @@ class _PluginManager(pluggy.PluginManager):
     """A plugin manager that takes a module's hook function only once.
 
     A driver package's ``__init__`` often re-exports the hooks of its driver module
-    (``from .driver import sfm_bench_baseline``); both modules are plugins, and the function
+    (``from .driver import sfm_driver_loaded``); both modules are plugins, and the function
     must still be one implementation, or a broadcast hook would be called twice.
     """
 

@@ -266,12 +266,11 @@ def test_demo_progress_on_stderr_legend_and_json() -> None:
 
 
 def test_bench_fan_in_listener_works_without_psutil(tmp_path, monkeypatch) -> None:
-    from sfm_core.bench import runner
-    from sfm_core.bench import workloads as wl
+    from sfm_core.bench import fanin, runner
 
     (tmp_path / "psutil.py").write_text("raise ImportError('psutil hidden by the test')\n")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
-    rows = {r.workload: r for r in runner._sfm_fanin("tcp", 5, wl.tcp_fanin)}
+    rows = {r.workload: r for r in runner._sfm_fanin("tcp", 5, fanin.tcp_fanin)}
     assert rows["fanin_ready"].value == 5
     assert rows["fanin_rss"].value > 0
     assert rows["fanin_threads"].value > 0

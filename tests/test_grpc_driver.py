@@ -19,13 +19,13 @@ import grpc
 import pytest
 from helpers import Collector, scaled, wait_ready, wait_until
 from sfm_driver_grpc import GrpcDriver, wire
-from sfm_driver_grpc.bench import GrpcBaseline
 from sfm_driver_grpc.connection import BATCH_EXTENSION
 from sfm_driver_grpc.driver import METHOD_PATH
 from sfm_driver_grpc.proto import streamer_pb2
 
 from sfm_core import CommError, ConnManager, Endpoint, EndpointState, Mode
 from sfm_core.aio import acquire_loop, release_loop
+from sfm_core.bench.fanin import in_child as fanin_in_child
 from sfm_core.driver import ConnectorInfo, FrameReceiver
 from sfm_core.frames import PREFIX, FrameType, decode_frame, encode_frame
 from sfm_core.handshake import build_handshake
@@ -526,7 +526,7 @@ def test_a_send_from_the_loop_thread_over_a_full_queue_raises_instead_of_deadloc
 
 def test_no_cap_at_100_streams(listener):
     _server, url = listener
-    result = GrpcBaseline().fanin(url, 160, 30.0)
+    result = fanin_in_child("grpc")(url, 160, 30.0)  # 160 light sfm clients, each its own stream
     assert result["ready"] == 160, result
 
 

@@ -95,7 +95,7 @@ def test_hooks_of_the_entry_point_module_and_of_the_class_module_are_registered_
         {
             "fake_pkg/__init__.py": """
                 from sfm_core import hookimpl
-                from .driver import PkgDriver, sfm_bench_baseline
+                from .driver import PkgDriver, sfm_admit_connection
 
                 EVENTS = []
 
@@ -109,8 +109,8 @@ def test_hooks_of_the_entry_point_module_and_of_the_class_module_are_registered_
                 from sfm_core import hookimpl
 
                 @hookimpl
-                def sfm_bench_baseline(scheme):
-                    return "baseline-" + scheme if scheme == "pkg" else None
+                def sfm_admit_connection(manager, connection, endpoint_name, conn_props):
+                    return "refused-" + endpoint_name if endpoint_name == "pkg-peer" else None
                 """
             ),
         },
@@ -124,9 +124,12 @@ def test_hooks_of_the_entry_point_module_and_of_the_class_module_are_registered_
     # The hook in __init__ (the module the entry point names) saw both loads.
     assert init.EVENTS == [("init", "pkg"), ("init", "pkgs")]
     # The hook re-exported by __init__ is one implementation, not two.
-    impls = [i for i in pm.hook.sfm_bench_baseline.get_hookimpls() if i.function is driver.sfm_bench_baseline]
+    hook = pm.hook.sfm_admit_connection
+    impls = [i for i in hook.get_hookimpls() if i.function is driver.sfm_admit_connection]
     assert len(impls) == 1
-    assert pm.hook.sfm_bench_baseline(scheme="pkg") == "baseline-pkg"
+    # Called once: one answer from it, not two.
+    answers = hook(manager=None, connection=None, endpoint_name="pkg-peer", conn_props={})
+    assert answers.count("refused-pkg-peer") == 1
 
 
 # -- 3. abstract methods; a broken plugin never takes the host down -----------------------------

@@ -18,7 +18,10 @@ from typing import Any
 from sfm_core.pki import Pki
 from sfm_core.tls import SECURE_SCHEMES
 
+from . import baselines as bl
+from . import fanin, stats
 from . import workloads as wl
+from .baselines import Baseline
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +30,8 @@ MiB = 1024 * 1024
 
 @dataclass
 class Result:
+    """One row: ``value`` in ``unit`` of ``workload`` at ``size`` for ``scheme`` (a row name)."""
+
     scheme: str
     workload: str
     size: int
@@ -35,22 +40,43 @@ class Result:
     baseline: float | None = None
     ratio: float | None = None
     baseline_name: str | None = None
+    #: CPU microseconds per message (user+sys, all threads) of the sending and the receiving
+    #: process over the timed window; None where not measured (fan-in, derived rows).
+    cpu_tx_us: float | None = None
+    cpu_rx_us: float | None = None
+    note: str = ""
 
 
 @dataclass
 class Plan:
+    """How many messages each workload sends, and how many rounds."""
+
     rate_count: int
     mib1_count: int
     mib64_count: int
+    mib256_count: int
     rtt_count: int
     fanin: dict[str, int]
     #: Rounds of the comparative workloads; each row shows the best of its rounds.
     repeat: int = 1
 
 
-FULL = Plan(rate_count=200_000, mib1_count=1_000, mib64_count=12, rtt_count=5_000, fanin={"tcp": 10_000}, repeat=3)
-QUICK = Plan(rate_count=20_000, mib1_count=50, mib64_count=2, rtt_count=500, fanin={"tcp": 500})
+FULL = Plan(
+    rate_count=200_000,
+    mib1_count=1_000,
+    mib64_count=12,
+    mib256_count=3,
+    rtt_count=5_000,
+    fanin={"tcp": 10_000},
+    repeat=3,
+)
+QUICK = Plan(rate_count=20_000, mib1_count=50, mib64_count=2, mib256_count=1, rtt_count=500, fanin={"tcp": 500})
 DEFAULT_FANIN = 1_000
+#: The batch size of the ``send_messages`` row, and the number of sender threads of ``msg_rate_4s``.
+BATCH = 64
+SENDERS = 4
+#: The rows a batch row is compared with: the baseline's one-send-per-message rate.
+BASE_WORKLOAD = {f"msg_rate_b{BATCH}": "msg_rate"}
 
 
 @dataclass
@@ -62,53 +88,41 @@ class Step:
     repeat: bool = True
 
 
-def _rate(elapsed: float, count: int) -> float:
-    return (count - 1) / elapsed
-
-
-def _mbps(elapsed: float, count: int, size: int) -> float:
-    return (count - 1) * size / elapsed / 1e6
-
-
-def _baseline_for(scheme: str) -> Any:
-    from sfm_core.plugins import get_plugin_manager
-
-    try:
-        return get_plugin_manager().hook.sfm_bench_baseline(scheme=scheme)
-    except Exception:
-        log.exception("bench baseline of %s failed", scheme)
-        return None
-
-
 # -- the measurements: each returns its rows, named after who was measured -----------------
 
 
-def _raw_rate(plan: Plan) -> list[Result]:
-    return [Result("raw", "msg_rate", 100, _rate(wl.raw_oneway(100, plan.rate_count), plan.rate_count), "msg/s")]
+def _cpu(m: wl.Measurement) -> dict[str, float]:
+    return {
+        "cpu_tx_us": stats.per_message_us(m.cpu_sender, m.count),
+        "cpu_rx_us": stats.per_message_us(m.cpu_receiver, m.count),
+    }
 
 
-def _raw_tput(size: int, count: int) -> list[Result]:
-    return [Result("raw", "throughput", size, _mbps(wl.raw_oneway(size, count), count, size), "MB/s")]
+def _rate(subject: wl.Subject, plan: Plan, senders: int = 1, batch: int = 0) -> list[Result]:
+    m = wl.oneway(subject, 100, plan.rate_count, senders=senders, batch=batch)
+    workload = f"msg_rate_b{batch}" if batch else f"msg_rate_{senders}s" if senders > 1 else "msg_rate"
+    note = f"send_messages, lists of {batch}" if batch else f"{senders} sender threads" if senders > 1 else ""
+    return [Result(subject.name, workload, 100, stats.rate(m.count, m.elapsed), "msg/s", **_cpu(m), note=note)]
 
 
-def _rtt_rows(name: str, r: dict) -> list[Result]:
-    return [Result(name, "rtt_p50", 100, r["p50_us"], "us"), Result(name, "rtt_p99", 100, r["p99_us"], "us")]
+def _tput(subject: wl.Subject, size: int, count: int, rss: bool = False) -> list[Result]:
+    m = wl.oneway(subject, size, count)
+    rows = [Result(subject.name, "throughput", size, stats.mb_per_s(m.count, size, m.elapsed), "MB/s", **_cpu(m))]
+    if rss:  # peak RSS against the message size: how many copies each side holds at once
+        for workload, peak in (("peak_rss_tx", m.peak_rss_sender), ("peak_rss_rx", m.peak_rss_receiver)):
+            rows.append(Result(subject.name, workload, size, peak / MiB, "MiB", note=f"{peak / size:.2f} x message"))
+    return rows
 
 
-def _raw_rtt(plan: Plan) -> list[Result]:
-    return _rtt_rows("raw", wl.raw_rtt(100, plan.rtt_count))
-
-
-def _base_rate(base: Any, plan: Plan) -> list[Result]:
-    return [Result(base.name, "msg_rate", 100, base.run("rate", 100, plan.rate_count)["msgs_per_s"], "msg/s")]
-
-
-def _base_tput(base: Any, size: int, count: int) -> list[Result]:
-    return [Result(base.name, "throughput", size, base.run("throughput", size, count)["mb_per_s"], "MB/s")]
-
-
-def _base_rtt(base: Any, plan: Plan) -> list[Result]:
-    return _rtt_rows(base.name, base.run("rtt", 100, plan.rtt_count))
+def _rtt(subject: wl.Subject, plan: Plan) -> list[Result]:
+    m = wl.round_trip(subject, 100, plan.rtt_count)
+    assert m.samples is not None
+    samples = stats.warm(m.samples)
+    cpu = _cpu(m)
+    return [
+        Result(subject.name, "rtt_p50", 100, stats.percentile(samples, 50) * 1e6, "us", **cpu),
+        Result(subject.name, "rtt_p99", 100, stats.percentile(samples, 99) * 1e6, "us"),
+    ]
 
 
 def wrapped(scheme: str) -> str:
@@ -120,22 +134,9 @@ def wrapped(scheme: str) -> str:
 #: The schemes whose sfm rows are also measured with a receiver wrapper (the cost of a plugin
 #: on the frame path; once is enough: the hook is the core's, not the driver's).
 WRAPPED_SCHEMES = ("tcp",)
-
-
-def _sfm_rate(scheme: str, plan: Plan, pki: Pki | None = None, wrap: bool = False) -> list[Result]:
-    elapsed = wl.sfm_oneway(scheme, 100, plan.rate_count, pki, wrap_receiver=wrap)
-    name = wrapped(scheme) if wrap else scheme
-    return [Result(name, "msg_rate", 100, _rate(elapsed, plan.rate_count), "msg/s")]
-
-
-def _sfm_tput(scheme: str, size: int, count: int, pki: Pki | None = None, wrap: bool = False) -> list[Result]:
-    elapsed = wl.sfm_oneway(scheme, size, count, pki, wrap_receiver=wrap)
-    name = wrapped(scheme) if wrap else scheme
-    return [Result(name, "throughput", size, _mbps(elapsed, count, size), "MB/s")]
-
-
-def _sfm_rtt(scheme: str, plan: Plan, pki: Pki | None = None) -> list[Result]:
-    return _rtt_rows(scheme, wl.sfm_rtt(scheme, 100, plan.rtt_count, pki))
+#: The schemes with a row for ``ConnManager.send_messages`` (the TCP driver packs a batch
+#: into one ``sendmsg``; the others send it frame by frame).
+BATCH_SCHEMES = ("tcp",)
 
 
 def _sfm_fanin(
@@ -213,23 +214,33 @@ def with_plain(schemes: list[str]) -> list[str]:
     return out
 
 
-def _sfm_steps(scheme: str, plan: Plan, pki: Pki | None) -> list[Step]:
-    tls = " (mTLS)" if pki is not None else ""
+def _steps(subject: wl.Subject, plan: Plan, label: str, batch: bool = False) -> list[Step]:
+    """Every comparative workload of ``subject`` (the same for sfm and every baseline)."""
+    steps = [
+        Step(f"{label}: 100 B message rate", partial(_rate, subject, plan)),
+        Step(f"{label}: 100 B message rate, {SENDERS} sender threads", partial(_rate, subject, plan, SENDERS)),
+    ]
+    if batch:
+        steps.append(
+            Step(f"{label}: 100 B message rate, send_messages x{BATCH}", partial(_rate, subject, plan, 1, BATCH))
+        )
     return [
-        Step(f"sfm {scheme}{tls}: 100 B message rate", partial(_sfm_rate, scheme, plan, pki)),
-        Step(f"sfm {scheme}{tls}: 1 MiB throughput", partial(_sfm_tput, scheme, MiB, plan.mib1_count, pki)),
-        Step(f"sfm {scheme}{tls}: 64 MiB throughput", partial(_sfm_tput, scheme, 64 * MiB, plan.mib64_count, pki)),
-        Step(f"sfm {scheme}{tls}: 100 B round trip", partial(_sfm_rtt, scheme, plan, pki)),
+        *steps,
+        Step(f"{label}: 1 MiB throughput", partial(_tput, subject, MiB, plan.mib1_count)),
+        Step(f"{label}: 64 MiB throughput", partial(_tput, subject, 64 * MiB, plan.mib64_count)),
+        Step(f"{label}: 256 MiB throughput, peak RSS", partial(_tput, subject, 256 * MiB, plan.mib256_count, True)),
+        Step(f"{label}: 100 B round trip", partial(_rtt, subject, plan)),
     ]
 
 
 def _wrapped_steps(scheme: str, plan: Plan) -> list[Step]:
     """100 B rate (the workload most sensitive to per-frame cost) and 1 MiB throughput with a
     pass-through receiver wrapper on the receiving side, compared with ``scheme``'s own rows."""
+    subject = wl.SfmSubject(scheme, wrap_receiver=True, name=wrapped(scheme))
     label = f"sfm {scheme}, receiver wrapped by a plugin"
     return [
-        Step(f"{label}: 100 B message rate", partial(_sfm_rate, scheme, plan, None, True)),
-        Step(f"{label}: 1 MiB throughput", partial(_sfm_tput, scheme, MiB, plan.mib1_count, None, True)),
+        Step(f"{label}: 100 B message rate", partial(_rate, subject, plan)),
+        Step(f"{label}: 1 MiB throughput", partial(_tput, subject, MiB, plan.mib1_count)),
     ]
 
 
@@ -237,72 +248,88 @@ def _fanin_count(scheme: str, plan: Plan) -> int:
     return plan.fanin.get(scheme, min(DEFAULT_FANIN, plan.fanin.get("tcp", DEFAULT_FANIN)))
 
 
-def plan_steps(
-    schemes: list[str], plan: Plan, pki: Pki | None = None, aes_gcm: bool = False
-) -> tuple[list[Step], dict[str, str | tuple[str, ...]]]:
-    """The steps of a run, and for each scheme the name of its baseline (see :func:`add_ratios`).
+def _baseline_steps(key: str, base: Baseline, plan: Plan, progress: Callable[[str], None]) -> list[Step]:
+    reason = base.available()
+    if reason is not None:
+        progress(f"baseline {base.name} skipped: {reason}")
+        return []
+    return _steps(wl.BaselineSubject(key, base), plan, base.name)
 
-    A plain scheme's baseline is its driver's bare library (``raw`` if none, or for rows the
-    library lacks). A secure scheme (stcp, grpcs, wss) is measured with ``pki``'s certificates
-    (mutual TLS) and compared with its plain scheme's sfm rows only (stcp with tcp), which
-    :func:`with_plain` adds if missing: the ratio is the cost of TLS in this run. ``aes_gcm``
-    adds one core's AES-GCM speed (``openssl speed``) to compare stcp's 1 MiB throughput with.
-    tcp's 100 B rate and 1 MiB throughput are measured again with a pass-through
-    ``sfm_wrap_frame_receiver`` plugin on the receiving side (rows ``tcp (wrapped receiver)``,
-    baseline tcp's sfm rows): what a plugin on the frame path costs.
+
+def plan_steps(
+    schemes: list[str],
+    plan: Plan,
+    pki: Pki | None = None,
+    aes_gcm: bool = False,
+    baselines: bl.Baselines | None = None,
+    progress: Callable[[str], None] = log.info,
+) -> tuple[list[Step], dict[str, str | tuple[str, ...]]]:
+    """The steps of a run, and for each row name the name of its baseline (see :func:`add_ratios`).
+
+    Raw sockets always run, pyzmq (the reference row) whenever installed. A plain scheme's
+    baseline is its own (``baselines``: built in, or a ``sfm.bench_baselines`` entry point;
+    ``raw`` if it has none or it is not available). A secure scheme (stcp, grpcs, wss) is
+    measured with ``pki``'s certificates (mutual TLS) and compared with its plain scheme's sfm
+    rows only (stcp with tcp), which :func:`with_plain` adds if missing: the ratio is the cost
+    of TLS in this run. ``aes_gcm`` adds one core's AES-GCM speed (``openssl speed``) to
+    compare stcp's 1 MiB throughput with. tcp's 100 B rate and 1 MiB throughput are measured
+    again with a pass-through ``sfm_wrap_frame_receiver`` plugin on the receiving side (rows
+    ``tcp (wrapped receiver)``, baseline tcp's sfm rows): what a plugin on the frame path costs.
     """
     schemes = with_plain(schemes)
     if pki is None and any(s in SECURE_SCHEMES for s in schemes):
         raise ValueError(f"secure schemes need a PKI: {', '.join(s for s in schemes if s in SECURE_SCHEMES)}")
-    steps = [
-        Step("raw sockets: 100 B message rate", partial(_raw_rate, plan)),
-        Step("raw sockets: 1 MiB throughput", partial(_raw_tput, MiB, plan.mib1_count)),
-        Step("raw sockets: 64 MiB throughput", partial(_raw_tput, 64 * MiB, plan.mib64_count)),
-        Step("raw sockets: 100 B round trip", partial(_raw_rtt, plan)),
-    ]
+    baselines = baselines if baselines is not None else bl.load()
+    raw = baselines.by_key["raw"]
+    steps = _steps(wl.BaselineSubject("raw", raw), plan, "raw sockets")
+    steps += _baseline_steps(bl.REFERENCE, baselines.by_key[bl.REFERENCE], plan, progress)
     if aes_gcm and "stcp" in schemes:
         steps.append(Step(f"openssl speed -evp {AES_GCM}: 16 KiB blocks", partial(_aes_gcm_speed, 1)))
-    baselines: dict[str, str | tuple[str, ...]] = {}
+    names: dict[str, str | tuple[str, ...]] = {}
+    measured = {"raw"}
     for scheme in schemes:
         plain = SECURE_SCHEMES.get(scheme)
         if plain is not None:
-            baselines[scheme] = (plain,)
-            steps += _sfm_steps(scheme, plan, pki)
+            names[scheme] = (plain,)
+            steps += _steps(wl.SfmSubject(scheme, pki), plan, f"sfm {scheme} (mTLS)")
             if plain == "tcp":
                 n = _fanin_count(scheme, plan)
                 assert pki is not None
-                clients = partial(wl.tls_fanin, tls=pki.client)
+                clients = partial(fanin.tls_fanin, tls=pki.client)
                 # One client certificate for all: the listener maps the fan-N names to its CN.
                 identity = {"fan-": CLIENT_CN}
                 measure = partial(_sfm_fanin, scheme, n, clients, pki, identity)
                 steps.append(Step(f"sfm {scheme} (mTLS): fan-in of {n} endpoints", measure, False))
             continue
-        base = _baseline_for(scheme)
-        baselines[scheme] = "raw" if base is None else base.name
-        if base is not None:
-            steps += [
-                Step(f"{base.name}: 100 B message rate", partial(_base_rate, base, plan)),
-                Step(f"{base.name}: 1 MiB throughput", partial(_base_tput, base, MiB, plan.mib1_count)),
-                Step(f"{base.name}: 64 MiB throughput", partial(_base_tput, base, 64 * MiB, plan.mib64_count)),
-                Step(f"{base.name}: 100 B round trip", partial(_base_rtt, base, plan)),
-            ]
-        sfm = _sfm_steps(scheme, plan, None)
+        own = baselines.for_(scheme)
+        names[scheme] = "raw"  # unless it has a baseline of its own that can run here
+        if own is not None:
+            key, base = own
+            if key not in measured:
+                measured.add(key)
+                steps += _baseline_steps(key, base, plan, progress)
+            if base.available() is None:
+                names[scheme] = base.name
+        sfm = _steps(wl.SfmSubject(scheme), plan, f"sfm {scheme}", batch=scheme in BATCH_SCHEMES)
         if scheme in WRAPPED_SCHEMES:
             # Each wrapped step right after the step it is compared with: the least drift between them.
-            baselines[wrapped(scheme)] = (scheme,)
+            names[wrapped(scheme)] = (scheme,)
             rate, tput = _wrapped_steps(scheme, plan)
-            sfm = [sfm[0], rate, sfm[1], tput, *sfm[2:]]
+            i = next(i for i, s in enumerate(sfm) if s.label.endswith("1 MiB throughput"))
+            sfm = [sfm[0], rate, *sfm[1 : i + 1], tput, *sfm[i + 1 :]]
         steps += sfm
-        clients = wl.tcp_fanin if scheme == "tcp" else getattr(base, "fanin", None)
-        if clients is not None:
-            n = _fanin_count(scheme, plan)
-            # Fan-in is a capacity check, not a ratio: once is enough (and it is the slow one).
-            steps.append(Step(f"sfm {scheme}: fan-in of {n} endpoints", partial(_sfm_fanin, scheme, n, clients), False))
-    return steps, baselines
+        clients = fanin.client_for(scheme)
+        if clients is None:
+            progress(f"sfm {scheme}: no fan-in client for this scheme, fan-in not measured")
+            continue
+        n = _fanin_count(scheme, plan)
+        # Fan-in is a capacity check, not a ratio: once is enough (and it is the slow one).
+        steps.append(Step(f"sfm {scheme}: fan-in of {n} endpoints", partial(_sfm_fanin, scheme, n, clients), False))
+    return steps, names
 
 
 def run(schemes: list[str], plan: Plan, progress: Callable[[str], None]) -> list[Result]:
-    """Measure the raw baseline and sfm over each scheme; return rows with ratios.
+    """Measure the baselines and sfm over each scheme; return rows with ratios.
 
     With ``plan.repeat`` > 1 the comparative steps run in interleaved rounds (raw, baseline,
     sfm, raw, ...), so a drift of the machine touches baseline and sfm alike, and each row
@@ -318,7 +345,10 @@ def run(schemes: list[str], plan: Plan, progress: Callable[[str], None]) -> list
     registry = get_registry()
     schemes = with_plain(schemes)
     for scheme in schemes:
-        registry.get_driver_class(scheme)  # loads the driver module, which may add a baseline hook
+        registry.get_driver_class(scheme)
+    baselines = bl.load()
+    for name, error in baselines.errors:
+        progress(f"baseline entry point {name!r} ({bl.GROUP}) skipped: {error}")
     secure = [s for s in schemes if s in SECURE_SCHEMES]
     with tempfile.TemporaryDirectory(prefix="sfm-bench-pki-") as directory:
         pki = None
@@ -327,9 +357,10 @@ def run(schemes: list[str], plan: Plan, progress: Callable[[str], None]) -> list
 
             pki = make_pki(directory, SERVER_CN, CLIENT_CN)
         aes = "stcp" in schemes and shutil.which("openssl") is not None
-        steps, baselines = plan_steps(schemes, plan, pki, aes_gcm=aes)
+        steps, names = plan_steps(schemes, plan, pki, aes_gcm=aes, baselines=baselines, progress=progress)
         results = by_scheme(_run_steps(steps, plan, progress))
-    return add_aes_gcm_row(add_ratios(results, baselines))
+    reference = baselines.by_key[bl.REFERENCE].name
+    return add_reference_rows(add_aes_gcm_row(add_ratios(results, names)), "tcp", reference)
 
 
 def by_scheme(results: list[Result]) -> list[Result]:
@@ -349,6 +380,7 @@ def _run_steps(steps: list[Step], plan: Plan, progress: Callable[[str], None]) -
         try:
             rows = steps[i].measure()
         except Exception as e:
+            log.debug("bench step %s failed", label, exc_info=True)
             progress(f"[{n}/{len(todo)}] {label}: FAILED: {type(e).__name__}: {e}")
             continue
         samples[i].append(rows)
@@ -359,12 +391,26 @@ def _run_steps(steps: list[Step], plan: Plan, progress: Callable[[str], None]) -
 LOWER_IS_BETTER = frozenset({"us", "s", "MiB", "threads"})
 
 
+def lower_is_better(unit: str) -> bool:
+    """Whether a smaller value in ``unit`` is the better one (times, memory, threads)."""
+    return unit in LOWER_IS_BETTER
+
+
+def _least(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return min(present) if present else None
+
+
 def best_rows(rounds: list[list[Result]]) -> list[Result]:
-    """Row by row, the best value of the rounds of one step (lowest for times, else highest)."""
+    """Row by row, the best value of the rounds of one step (lowest for times, else highest),
+    and each CPU column's lowest (interference only ever adds CPU time: cache misses, and
+    the note of the best value's round)."""
     best = []
     for rows in zip(*rounds, strict=True):
-        pick = min if rows[0].unit in LOWER_IS_BETTER else max
-        best.append(replace(rows[0], value=pick(r.value for r in rows)))
+        pick = min if lower_is_better(rows[0].unit) else max
+        top = pick(rows, key=lambda r: r.value)
+        cpu_tx, cpu_rx = _least([r.cpu_tx_us for r in rows]), _least([r.cpu_rx_us for r in rows])
+        best.append(replace(top, cpu_tx_us=cpu_tx, cpu_rx_us=cpu_rx))
     return best
 
 
@@ -372,18 +418,46 @@ def add_ratios(results: list[Result], baselines: dict[str, str | tuple[str, ...]
     """Give each scheme's row the value of its baseline's matching row.
 
     A baseline given as a name is tried first, then raw; given as a tuple, only those names
-    are tried (a secure scheme's rows compare with its plain scheme's, never with raw)."""
+    are tried (a secure scheme's rows compare with its plain scheme's, never with raw). A
+    batch row compares with the baseline's one-send-per-message rate (:data:`BASE_WORKLOAD`)."""
     index = {(r.scheme, r.workload, r.size): r.value for r in results}
     for r in results:
         if r.scheme not in baselines:
             continue  # a baseline row itself
         base = baselines[r.scheme]
+        workload = BASE_WORKLOAD.get(r.workload, r.workload)
         for name in base if isinstance(base, tuple) else dict.fromkeys((base, "raw")):
-            value = index.get((name, r.workload, r.size))
+            value = index.get((name, workload, r.size))
             if value:
                 r.baseline, r.baseline_name, r.ratio = value, name, r.value / value
                 break
     return results
+
+
+def add_reference_rows(results: list[Result], scheme: str, reference: str) -> list[Result]:
+    """After ``scheme``'s rate rows, the same rates against the reference row's one-sender
+    rate (``reference``: pyzmq), workload ``<rate>_vs_pyzmq``. Only when both were measured."""
+    ref = next((r for r in results if (r.scheme, r.workload) == (reference, "msg_rate")), None)
+    if ref is None or not ref.value:
+        return results
+    out = []
+    for r in results:
+        out.append(r)
+        if r.scheme == scheme and r.workload.startswith("msg_rate"):
+            out.append(
+                Result(
+                    scheme,
+                    f"{r.workload}_vs_pyzmq",
+                    r.size,
+                    r.value,
+                    r.unit,
+                    ref.value,
+                    r.value / ref.value,
+                    reference,
+                    note=r.note,
+                )
+            )
+    return out
 
 
 def add_aes_gcm_row(results: list[Result]) -> list[Result]:
@@ -412,34 +486,147 @@ def format_size(size: int, workload: str) -> str:
     return f"{size} B"
 
 
-def table(results: list[Result]) -> str:
-    """Results as an aligned text table."""
-    head = ("scheme", "workload", "size", "value", "unit", "baseline", "ratio")
-    rows = [head]
-    for r in results:
-        rows.append(
-            (
-                r.scheme,
-                r.workload,
-                format_size(r.size, r.workload),
-                f"{r.value:,.1f}",
-                r.unit,
-                f"{r.baseline:,.1f} ({r.baseline_name})" if r.baseline else "",
-                f"{r.ratio:.2f}" if r.ratio is not None else "",
-            )
-        )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) for row in rows]
+#: The table's columns, and the order they are dropped in when the terminal is too narrow.
+COLUMNS = ("scheme", "workload", "size", "value", "unit", "baseline", "ratio", "cpu tx us", "cpu rx us", "note")
+DROP_ORDER = ("note", "baseline", "cpu rx us", "cpu tx us", "unit")
+
+
+def _num(v: float | None, fmt: str = ",.1f") -> str:
+    return "" if v is None else format(v, fmt)
+
+
+def fit(
+    head: tuple[str, ...], rows: list[tuple[str, ...]], width: int | None = None, drop: tuple[str, ...] = ()
+) -> str:
+    """``rows`` under ``head`` as an aligned text table no wider than ``width`` (default: the
+    terminal's), dropping the columns named in ``drop`` in that order until it fits."""
+    width = width if width is not None else shutil.get_terminal_size().columns
+    keep = list(range(len(head)))
+    dropped = []
+    for name in (None, *drop):
+        if name is not None and name in head:
+            keep.remove(head.index(name))
+            dropped.append(name)
+        cells = [[row[i] for i in keep] for row in [head, *rows]]
+        widths = [max(len(c[j]) for c in cells) for j in range(len(keep))]
+        if sum(widths) + 2 * (len(widths) - 1) <= width:
+            break
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    if dropped:
+        lines.append(f"(left out to fit {width} columns: {', '.join(dropped)}; all of them are in --json)")
     return "\n".join(lines)
 
 
+def table(results: list[Result], width: int | None = None) -> str:
+    """Results as an aligned text table that fits ``width`` (default: the terminal)."""
+    rows = [
+        (
+            r.scheme,
+            r.workload,
+            format_size(r.size, r.workload),
+            _num(r.value),
+            r.unit,
+            r.baseline_name or "",
+            _num(r.ratio, ".2f"),
+            _num(r.cpu_tx_us, ".2f"),
+            _num(r.cpu_rx_us, ".2f"),
+            r.note,
+        )
+        for r in results
+    ]
+    return fit(COLUMNS, rows, width, DROP_ORDER)
+
+
+#: The version of the JSON ``--json`` writes (rows of version 1 have no CPU, note, machine).
+JSON_VERSION = 2
+_KEYS = (
+    "scheme",
+    "workload",
+    "size",
+    "value",
+    "unit",
+    "baseline",
+    "ratio",
+    "baseline_name",
+    "cpu_tx_us",
+    "cpu_rx_us",
+    "note",
+)
+
+
+def machine() -> dict[str, Any]:
+    """What the run ran on: cores, CPU model, Python, platform, date (UTC)."""
+    import datetime
+    import os
+    import platform
+
+    model = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": model,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
 def write_json(results: list[Result], path: str) -> None:
-    keys = ("scheme", "workload", "size", "value", "unit", "baseline", "ratio", "baseline_name")
+    """The results as JSON (documented in docs/benchmarks.md)."""
+    rows = [{k: asdict(r)[k] for k in _KEYS} for r in results]
     with open(path, "w") as f:
-        json.dump({"results": [{k: asdict(r)[k] for k in keys} for r in results]}, f, indent=2)
+        json.dump({"version": JSON_VERSION, "machine": machine(), "results": rows}, f, indent=2)
+
+
+def read_json(path: str) -> list[Result]:
+    """The rows of a ``--json`` file (version 1 or 2)."""
+    with open(path) as f:
+        data = json.load(f)
+    fields = set(_KEYS)
+    return [Result(**{k: v for k, v in row.items() if k in fields}) for row in data["results"]]
+
+
+def compare(results: list[Result], base: list[Result], base_name: str = "BASE", width: int | None = None) -> str:
+    """This run against an earlier one, row by row: ``now / base`` of each value and CPU
+    column, marked better or worse by the unit's direction (CPU time: lower is better);
+    rows on one side only are said so."""
+    old = {(r.scheme, r.workload, r.size): r for r in base}
+    new = {(r.scheme, r.workload, r.size): r for r in results}
+    rows = []
+
+    def line(r: Result, what: str, now: float | None, then: float | None, lower: bool) -> None:
+        if now is None or then is None:
+            return
+        ratio = now / then if then else float("inf")
+        verdict = "same" if ratio == 1 else "better" if (ratio < 1) == lower else "worse"
+        name = r.workload if what == "value" else f"{r.workload} ({what})"
+        rows.append((r.scheme, name, format_size(r.size, r.workload), _num(now), _num(then), f"{ratio:.2f}", verdict))
+
+    for key, r in new.items():
+        b = old.get(key)
+        if b is None:
+            rows.append(
+                (r.scheme, r.workload, format_size(r.size, r.workload), _num(r.value), "", "", "only in this run")
+            )
+            continue
+        line(r, "value", r.value, b.value, lower_is_better(r.unit))
+        line(r, "cpu tx us", r.cpu_tx_us, b.cpu_tx_us, True)
+        line(r, "cpu rx us", r.cpu_rx_us, b.cpu_rx_us, True)
+    for key, b in old.items():
+        if key not in new:
+            rows.append(
+                (b.scheme, b.workload, format_size(b.size, b.workload), "", _num(b.value), "", f"only in {base_name}")
+            )
+    head = ("scheme", "workload", "size", "now", "base", "now/base", "")
+    return fit(head, rows, width)
 
 
 def stderr_progress(line: str) -> None:
+    """A progress line on stderr."""
     sys.stderr.write(line + "\n")
     sys.stderr.flush()

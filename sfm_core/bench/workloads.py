@@ -1,38 +1,63 @@
-"""Parent-side workloads of ``sfm bench``: each returns measured numbers, nothing is assumed."""
+"""The harness of ``sfm bench``: every workload, timing point and measure, defined once.
+
+A *subject* is what is measured: sfm over a scheme (:class:`SfmSubject`) or a bare library
+through its :class:`~sfm_core.bench.baselines.Baseline` adapter (:class:`BaselineSubject`).
+Each opens a :class:`Session`: a fresh child process (``python -m sfm_core.bench.peer``)
+that receives or echoes, connected to this process. The workloads below drive every session
+the same way:
+
+* one-way (rates, throughput): the clock starts right before the first send, here, and stops
+  in the child when the last message's last byte is in (``time.monotonic``, one clock for
+  both processes); CPU time (user+sys, all threads) of each process over that window, and
+  each process's peak RSS from the start of the window;
+* round trip: each sample from right before a send to the echo's arrival, here; the first
+  :data:`~sfm_core.bench.stats.WARMUP_SHARE` of samples dropped, p50/p99 by
+  :func:`~sfm_core.bench.stats.percentile`.
+"""
 
 from __future__ import annotations
 
-import json
+import logging
 import select
-import statistics
-import struct
 import subprocess
 import sys
 import threading
-import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
-from . import raw
-from .peer import raise_nofile
+from .peer import clock, cpu_seconds, peak_rss, reset_peak_rss
 
 if TYPE_CHECKING:
     from sfm_core.pki import Pki
 
-_LEN = struct.Struct(">I")
+    from .baselines import Baseline, Link
+
+log = logging.getLogger(__name__)
 
 
 class PeerProcess:
     """A ``python -m sfm_core.bench.peer`` child speaking JSON lines."""
 
     def __init__(self, *args: str) -> None:
+        import os
+
+        # grpc core logs a GOAWAY line on stderr whenever a server stops with a stream open,
+        # which every grpc run ends with (docs/drivers/grpc.md): only its errors, please.
+        env = {**os.environ, "GRPC_VERBOSITY": os.environ.get("GRPC_VERBOSITY", "ERROR")}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "sfm_core.bench.peer", *args],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
+            env=env,
         )
 
-    def read(self, timeout: float = 120.0) -> dict:
+    def read(self, timeout: float = 300.0) -> dict:
+        """The child's next JSON line."""
+        import json
+
         assert self.proc.stdout is not None
         ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
         if not ready:
@@ -43,11 +68,13 @@ class PeerProcess:
         return json.loads(line)
 
     def write(self, line: str) -> None:
+        """One line to the child's stdin."""
         assert self.proc.stdin is not None
         self.proc.stdin.write(line + "\n")
         self.proc.stdin.flush()
 
     def close(self) -> None:
+        """Close its stdin (it exits) and reap it."""
         try:
             if self.proc.stdin:
                 self.proc.stdin.close()
@@ -66,55 +93,276 @@ class PeerProcess:
         self.close()
 
 
-def percentiles(samples: list[float]) -> dict:
-    samples = sorted(samples)
-    p99 = samples[min(len(samples) - 1, int(len(samples) * 0.99))]
-    return {"p50_us": statistics.median(samples) * 1e6, "p99_us": p99 * 1e6}
+@dataclass
+class Measurement:
+    """What one run of a workload measured (times in seconds, sizes in bytes)."""
+
+    count: int
+    size: int
+    #: One-way: first send to last byte at the receiver. Round trip: the whole run.
+    elapsed: float
+    cpu_sender: float
+    cpu_receiver: float
+    peak_rss_sender: int
+    peak_rss_receiver: int
+    #: Round trip only: every sample, warm-up included (the statistics drop it).
+    samples: list[float] | None = None
 
 
-# -- raw sockets -------------------------------------------------------------------------
+class Session(Protocol):
+    """One connection from this process to a fresh receiving or echoing child."""
+
+    peer: PeerProcess
+
+    def send_all(self, payload: bytes, count: int, senders: int, batch: int) -> float:
+        """Send ``count`` messages (:func:`send_all`); the clock right before the first send."""
+
+    def round_trips(self, payload: bytes, count: int) -> list[float]:
+        """``count`` round trips one after the other; each sample from right before its send
+        to the echo's arrival (:func:`link_round_trips` for a link)."""
 
 
-def _raw_connect(port: int):
-    import socket
+def link_round_trips(link: Link, payload: bytes, count: int) -> list[float]:
+    """Round trips over a baseline link: send, wait for the echo, next."""
+    samples = []
+    send, recv = link.send, link.recv
+    for _ in range(count):
+        t = clock()
+        send(payload)
+        recv()
+        samples.append(clock() - t)
+    return samples
 
-    sock = socket.create_connection(("127.0.0.1", port))
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock
+
+async def async_link_round_trips(link: Any, payload: bytes, count: int) -> list[float]:
+    """:func:`link_round_trips` over an :class:`~sfm_core.bench.baselines.AsyncLink`."""
+    samples = []
+    send, recv = link.send, link.recv
+    for _ in range(count):
+        t = clock()
+        await send(payload)
+        await recv()
+        samples.append(clock() - t)
+    return samples
 
 
-def raw_oneway(size: int, count: int) -> float:
-    """Seconds the receiver took for ``count - 1`` messages after the first."""
+class Subject(Protocol):
+    """What is measured: opens sessions."""
+
+    #: The row name.
+    name: str
+
+    def session(self, mode: str, count: int) -> Any:
+        """A context manager giving a :class:`Session` to a child that will ``recv`` or
+        ``echo`` ``count`` messages."""
+
+
+def _arm(peer: PeerProcess) -> None:
+    peer.write("start")
+    if not peer.read().get("armed"):
+        raise RuntimeError("bench peer did not arm")
+
+
+def send_all(
+    send: Callable[[bytes], None],
+    payload: bytes,
+    count: int,
+    senders: int = 1,
+    thread_safe: bool = False,
+    send_batch: Callable[[list], None] | None = None,
+    batch: int = 0,
+) -> float:
+    """Send ``count`` messages: one loop, ``senders`` threads in parallel (each its share; a
+    lock around ``send`` unless ``thread_safe``), or lists of ``batch`` through ``send_batch``.
+    Returns the clock right before the first send: the start of every one-way measurement."""
+    if batch:
+        assert send_batch is not None
+        messages = [(None, payload)] * batch
+        t0 = clock()
+        for _ in range(count // batch):
+            send_batch(messages)
+        return t0
+    if senders == 1:
+        t0 = clock()
+        for _ in range(count):
+            send(payload)
+        return t0
+    if not thread_safe:
+        lock = threading.Lock()
+        unlocked = send
+
+        def send(p: bytes) -> None:
+            with lock:
+                unlocked(p)
+
+    go = threading.Event()
+
+    def sender(n: int) -> None:
+        go.wait()
+        for _ in range(n):
+            send(payload)
+
+    shares = [count // senders + (i < count % senders) for i in range(senders)]
+    threads = [threading.Thread(target=sender, args=(n,), name=f"bench-sender-{i}") for i, n in enumerate(shares)]
+    for t in threads:
+        t.start()
+    t0 = clock()
+    go.set()
+    for t in threads:
+        t.join()
+    return t0
+
+
+async def send_all_async(link: Any, payload: bytes, count: int, senders: int = 1) -> float:
+    """:func:`send_all` over an :class:`~sfm_core.bench.baselines.AsyncLink`: ``senders``
+    tasks on the loop stand for the threads (an asyncio lock around ``send``: one write at a
+    time, as grpc.aio requires)."""
+    send = link.send
+    if senders == 1:
+        t0 = clock()
+        for _ in range(count):
+            await send(payload)
+        return t0
+    import asyncio
+
+    lock = asyncio.Lock()
+    go = asyncio.Event()
+
+    async def sender(n: int) -> None:
+        await go.wait()
+        for _ in range(n):
+            async with lock:
+                await send(payload)
+
+    shares = [count // senders + (i < count % senders) for i in range(senders)]
+    tasks = [asyncio.ensure_future(sender(n)) for n in shares]
+    await asyncio.sleep(0)  # every task waiting on go
+    t0 = clock()
+    go.set()
+    await asyncio.gather(*tasks)
+    return t0
+
+
+def oneway(subject: Subject, size: int, count: int, senders: int = 1, batch: int = 0) -> Measurement:
+    """``count`` messages of ``size`` bytes to a receiving child, from ``senders`` threads
+    (each its share, in parallel on one connection), or with ``batch`` > 0 through
+    ``send_batch`` in lists of that many (``count`` is rounded down to a multiple)."""
+    if batch:
+        count -= count % batch
     payload = b"x" * size
-    with PeerProcess("raw-recv", "--count", str(count)) as peer:
-        sock = _raw_connect(peer.read()["port"])
-        try:
-            if size <= 64 * 1024:
-                for _ in range(count):
-                    sock.sendall(_LEN.pack(size) + payload)  # one send per message
-            else:
-                for _ in range(count):
-                    raw.send_large(sock, payload)
-            result = peer.read()
-        finally:
-            sock.close()
-    return result["elapsed"]
+    with subject.session("recv", count) as s:
+        _arm(s.peer)
+        reset_peak_rss()
+        cpu0 = cpu_seconds()
+        t0 = s.send_all(payload, count, senders, batch)
+        result = s.peer.read()
+        cpu = cpu_seconds() - cpu0
+        rss = peak_rss()
+    return Measurement(count, size, result["t_end"] - t0, cpu, result["cpu"], rss, result["peak_rss"])
 
 
-def raw_rtt(size: int, count: int) -> dict:
+def round_trip(subject: Subject, size: int, count: int) -> Measurement:
+    """``count`` round trips of ``size`` bytes with an echoing child."""
     payload = b"x" * size
-    with PeerProcess("raw-echo") as peer:
-        sock = _raw_connect(peer.read()["port"])
-        try:
-            samples = []
-            for _ in range(count):
-                t0 = time.perf_counter()
-                raw.send_message(sock, payload)
-                raw.recv_message(sock)
-                samples.append(time.perf_counter() - t0)
-        finally:
-            sock.close()
-    return percentiles(samples[count // 10 :])
+    with subject.session("echo", count) as s:
+        _arm(s.peer)
+        reset_peak_rss()
+        cpu0 = cpu_seconds()
+        t0 = clock()
+        samples = s.round_trips(payload, count)
+        result = s.peer.read()
+        cpu = cpu_seconds() - cpu0
+        rss = peak_rss()
+    return Measurement(count, size, result["t_end"] - t0, cpu, result["cpu"], rss, result["peak_rss"], samples)
+
+
+# -- a baseline through its adapter ------------------------------------------------------------
+
+
+class _LinkSession:
+    def __init__(self, peer: PeerProcess, link: Link) -> None:
+        self.peer, self.link = peer, link
+
+    def send_all(self, payload: bytes, count: int, senders: int, batch: int) -> float:
+        if batch:
+            raise ValueError("a baseline has no batch API")
+        return send_all(self.link.send, payload, count, senders)  # an adapter: one sender at a time
+
+    def round_trips(self, payload: bytes, count: int) -> list[float]:
+        return link_round_trips(self.link, payload, count)
+
+
+class _AsyncLinkSession:
+    """A session over an asyncio adapter: its own event loop in this thread, for the session."""
+
+    def __init__(self, peer: PeerProcess, loop: Any, link: Any) -> None:
+        self.peer, self.loop, self.link = peer, loop, link
+
+    def send_all(self, payload: bytes, count: int, senders: int, batch: int) -> float:
+        if batch:
+            raise ValueError("a baseline has no batch API")
+        return self.loop.run_until_complete(send_all_async(self.link, payload, count, senders))
+
+    def round_trips(self, payload: bytes, count: int) -> list[float]:
+        return self.loop.run_until_complete(async_link_round_trips(self.link, payload, count))
+
+
+def _close_loop(loop: Any) -> None:
+    """Close a session's loop as ``asyncio.run`` would: the library's leftover tasks cancelled
+    and awaited, its objects freed while the loop still runs (grpc.aio's poller calls back
+    into the loop until its last call and channel are gone)."""
+    import asyncio
+    import gc
+
+    try:
+        gc.collect()
+        loop.run_until_complete(asyncio.sleep(0.01))
+        tasks = [t for t in asyncio.all_tasks(loop) if not t.done()]
+        for t in tasks:
+            t.cancel()
+        if tasks:  # gather() of nothing would make its future on another loop
+            loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        gc.collect()
+        loop.run_until_complete(asyncio.sleep(0.01))
+    finally:
+        loop.close()
+
+
+class BaselineSubject:
+    """A bare library through its adapter; ``key`` names it to the child (see ``baselines.load``)."""
+
+    def __init__(self, key: str, baseline: Baseline) -> None:
+        self.key, self.baseline = key, baseline
+        self.name = baseline.name
+
+    @contextmanager
+    def session(self, mode: str, count: int) -> Iterator[_LinkSession | _AsyncLinkSession]:
+        """A child listening through the adapter, and this side's link to it."""
+        from .baselines import is_async
+
+        with PeerProcess(f"base-{mode}", "--baseline", self.key, "--count", str(count)) as peer:
+            address = peer.read()["address"]
+            if not is_async(self.baseline):
+                link = self.baseline.connect(address)
+                try:
+                    yield _LinkSession(peer, link)
+                finally:
+                    link.close()
+                return
+            import asyncio
+
+            # A fresh loop for the session: this thread runs none (the drivers' loops have threads of their own).
+            loop = asyncio.new_event_loop()
+            try:
+                alink = loop.run_until_complete(self.baseline.connect(address))
+                try:
+                    yield _AsyncLinkSession(peer, loop, alink)
+                finally:
+                    loop.run_until_complete(alink.close())
+                    del alink
+            finally:
+                _close_loop(loop)
 
 
 # -- sfm over a driver -------------------------------------------------------------------
@@ -137,6 +385,8 @@ def _client(url: str, name: str = "bench-client", pki: Pki | None = None) -> Any
 
 
 def _wait_ready(manager: Any, name: str, timeout: float = 30.0) -> Any:
+    import time
+
     from sfm_core import EndpointState
 
     deadline = time.monotonic() + timeout
@@ -148,174 +398,66 @@ def _wait_ready(manager: Any, name: str, timeout: float = 30.0) -> Any:
     raise TimeoutError(f"{name} not READY after {timeout} s")
 
 
-def sfm_oneway(scheme: str, size: int, count: int, pki: Pki | None = None, wrap_receiver: bool = False) -> float:
-    """Seconds the receiver took for ``count - 1`` messages after the first. With
-    ``wrap_receiver`` the receiving peer runs the pass-through ``sfm_wrap_frame_receiver``
-    plugin (:mod:`.wrapper`), which must have seen every message's frames."""
-    payload = b"x" * size
-    more = ["--count", str(count), *(["--wrap-receiver"] if wrap_receiver else [])]
-    with PeerProcess(*_peer_args("sfm-recv", scheme, pki, *more)) as peer:
-        url = peer.read()["url"]
-        manager = _client(url, pki=pki)
-        manager.start()
-        try:
-            server = _wait_ready(manager, "bench-server")
-            send = manager.send_message
-            for _ in range(count):
-                send(server, 1, None, payload)
-            result = peer.read()
-        finally:
-            manager.stop()
-    if wrap_receiver and result.get("wrapped_frames", 0) < count:
-        raise RuntimeError(f"the receiver wrapper saw {result.get('wrapped_frames', 0)} frames of {count} messages")
-    return result["elapsed"]
+class _SfmSession:
+    def __init__(self, peer: PeerProcess, manager: Any, server: Any) -> None:
+        self.peer, self.manager, self.server = peer, manager, server
 
+    def send_all(self, payload: bytes, count: int, senders: int, batch: int) -> float:
+        from functools import partial
 
-def sfm_rtt(scheme: str, size: int, count: int, pki: Pki | None = None) -> dict:
-    from sfm_core import MessageReceiver
+        send = partial(self.manager.send_message, self.server, 1, None)
+        send_batch = partial(self.manager.send_messages, self.server, 1)
+        # ConnManager.send_message is thread-safe: no lock around it.
+        return send_all(send, payload, count, senders, thread_safe=True, send_batch=send_batch, batch=batch)
 
-    payload = b"x" * size
-    samples: list[float] = []
-    done = threading.Event()
-    with PeerProcess(*_peer_args("sfm-echo", scheme, pki)) as peer:
-        url = peer.read()["url"]
-        manager = _client(url, pki=pki)
+    def round_trips(self, payload: bytes, count: int) -> list[float]:
+        """Ping-pong driven from the receiver callback, as a request/response app would be
+        (no thread hop): same timing points as :func:`link_round_trips`."""
+        from sfm_core import MessageReceiver
+
+        samples: list[float] = []
+        done = threading.Event()
         state = {"t0": 0.0}
+        manager = self.manager
 
         class PingPong(MessageReceiver):
-            # Driven from the receiver, as a request/response app would be: no extra thread hop.
             def process_message(self, endpoint, connection, app_id, message) -> None:
-                now = time.perf_counter()
-                samples.append(now - state["t0"])
+                samples.append(clock() - state["t0"])
                 if len(samples) >= count:
                     done.set()
                     return
-                state["t0"] = time.perf_counter()
+                state["t0"] = clock()
                 manager.send_message(endpoint, 1, None, payload)
 
         manager.register_message_receiver(1, PingPong())
-        manager.start()
-        try:
-            server = _wait_ready(manager, "bench-server")
-            state["t0"] = time.perf_counter()
-            manager.send_message(server, 1, None, payload)
-            if not done.wait(120):
-                raise TimeoutError("ping-pong did not finish")
-        finally:
-            manager.stop()
-    return percentiles(samples[count // 10 :])
+        state["t0"] = clock()
+        manager.send_message(self.server, 1, None, payload)
+        if not done.wait(300):
+            raise TimeoutError("ping-pong did not finish")
+        return samples
 
 
-def tcp_fanin(url: str, count: int, timeout: float, in_flight: int = 1000) -> dict:
-    """``count`` light TCP clients, each speaking HELLO through the codec and waiting for READY.
+class SfmSubject:
+    """sfm over ``scheme`` (with ``pki``'s certificates: mutual TLS); with ``wrap_receiver`` the
+    receiving child runs the pass-through ``sfm_wrap_frame_receiver`` plugin (:mod:`.wrapper`),
+    which must have seen every message's frames."""
 
-    At most ``in_flight`` clients are connecting or handshaking at once, as when a crowd of
-    sites ramps up: beyond the listener's accept queue (net.core.somaxconn, 4096 here) the
-    kernel would drop SYNs and the clients would wait out 1 s retransmit timers instead.
-    """
-    import selectors
-    import socket
+    def __init__(self, scheme: str, pki: Pki | None = None, wrap_receiver: bool = False, name: str = "") -> None:
+        self.scheme, self.pki, self.wrap_receiver = scheme, pki, wrap_receiver
+        self.name = name or scheme
 
-    from sfm_core.frames import FrameDecoder, FrameType, decode_frame, encode_frame
-    from sfm_core.handshake import build_handshake
-    from sfm_core.url import parse_url
-
-    raise_nofile()
-    params = parse_url(url)
-    addr = (params.get("host", "127.0.0.1"), params["port"])
-    sel = selectors.DefaultSelector()
-    socks = []
-    ready = 0
-    started = 0
-    start = time.perf_counter()
-    deadline = time.monotonic() + timeout
-    try:
-        while ready < count and time.monotonic() < deadline:
-            while started < count and started - ready < in_flight:
-                s = socket.socket()
-                s.setblocking(False)
-                s.connect_ex(addr)
-                socks.append(s)
-                hello = b"".join(encode_frame(FrameType.HELLO, 0, 1, None, build_handshake(f"fan-{started}", {})))
-                sel.register(s, selectors.EVENT_WRITE, [hello, FrameDecoder(buffer_size=4096, large_frame=2048)])
-                started += 1
-            for key, events in sel.select(0.5):
-                s = key.fileobj
-                hello, decoder = key.data
-                if events & selectors.EVENT_WRITE and hello:
-                    try:
-                        s.send(hello)
-                    except OSError:
-                        continue
-                    key.data[0] = b""
-                    sel.modify(s, selectors.EVENT_READ, key.data)
-                elif events & selectors.EVENT_READ:
-                    try:
-                        data = s.recv(4096)
-                    except OSError:
-                        continue
-                    for frame in decoder.feed(data):
-                        if decode_frame(frame).type == FrameType.READY:
-                            ready += 1
-                            sel.unregister(s)
-        seconds = time.perf_counter() - start
-    finally:
-        sel.close()
-        for s in socks:
-            s.close()
-    return {"ready": ready, "seconds": seconds}
-
-
-def tls_fanin(url: str, count: int, timeout: float, *, tls: dict, in_flight: int = 100) -> dict:
-    """``count`` light TLS clients (one asyncio loop), each claiming ``fan-N`` in a HELLO built
-    through the codec and waiting for READY; at most ``in_flight`` connecting or handshaking
-    at once. All present the same client certificate (``tls``: client TLS params), so the
-    listener needs an identity map taking ``fan-`` names to its CN. Connections stay open
-    until the last is READY (or ``timeout``)."""
-    import asyncio
-
-    from sfm_core.frames import FrameDecoder, FrameType, decode_frame, encode_frame
-    from sfm_core.handshake import build_handshake
-    from sfm_core.tls import TlsSettings
-    from sfm_core.url import parse_url
-
-    raise_nofile()
-    params = parse_url(url)
-    host, port = params.get("host", "127.0.0.1"), params["port"]
-    scheme = params["scheme"]
-    ctx = TlsSettings({**tls, "scheme": scheme}, server=False, scheme=scheme, driver="bench").client_context()
-
-    async def one(i: int, gate: asyncio.Semaphore, writers: list) -> bool:
-        async with gate:
-            reader, writer = await asyncio.open_connection(host, port, ssl=ctx)
-            writers.append(writer)
-            writer.write(b"".join(encode_frame(FrameType.HELLO, 0, 1, None, build_handshake(f"fan-{i}", {}))))
-            decoder = FrameDecoder(buffer_size=4096, large_frame=2048)
-            while True:
-                data = await reader.read(4096)
-                if not data:
-                    return False
-                for frame in decoder.feed(data):
-                    if decode_frame(frame).type == FrameType.READY:
-                        return True
-
-    async def crowd() -> dict:
-        gate = asyncio.Semaphore(in_flight)
-        writers: list = []
-        start = time.perf_counter()
-        tasks = [asyncio.ensure_future(one(i, gate, writers)) for i in range(count)]
-        done, pending = await asyncio.wait(tasks, timeout=timeout)
-        seconds = time.perf_counter() - start
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)  # retrieves refusals and cancellations
-        ready = sum(1 for t in done if not t.cancelled() and t.exception() is None and t.result())
-        for writer in writers:
-            writer.transport.abort()  # no close_notify round trips: the listener just sees them go
-        await asyncio.sleep(0)
-        return {"ready": ready, "seconds": seconds}
-
-    return asyncio.run(crowd())
+    @contextmanager
+    def session(self, mode: str, count: int) -> Iterator[_SfmSession]:
+        """A child ConnManager (``bench-server``) and a ConnManager here connected to it."""
+        more = ["--count", str(count), *(["--wrap-receiver"] if self.wrap_receiver else [])]
+        with PeerProcess(*_peer_args(f"sfm-{mode}", self.scheme, self.pki, *more)) as peer:
+            manager = _client(peer.read()["url"], pki=self.pki)
+            manager.start()
+            try:
+                session = _SfmSession(peer, manager, _wait_ready(manager, "bench-server"))
+                yield session
+            finally:
+                manager.stop()
 
 
 def sfm_fanin(
@@ -328,6 +470,8 @@ def sfm_fanin(
 ) -> dict:
     """Fan-in against a real ConnManager listener in a child process (with the PKI's server
     certificate and ``identity_map`` if given)."""
+    import time
+
     more = [f"--identity-map={k}={v}" for k, v in (identity_map or {}).items()]
     with PeerProcess(*_peer_args("sfm-listen", scheme, pki, *more)) as peer:
         url = peer.read()["url"]

@@ -14,7 +14,6 @@ import logging
 from typing import Any
 
 import grpc
-import sfm_core
 from sfm_core import CommError, ConnectorInfo, Mode
 from sfm_core.aio import LoopThread
 from sfm_core.aio_driver import AioDriver
@@ -459,13 +458,3 @@ class GrpcDriver(AioDriver):
                 text,
             )
         return text
-
-
-@sfm_core.hookimpl
-def sfm_bench_baseline(scheme: str) -> Any:
-    """Bare grpc.aio on the same Stream service (two processes), for ``sfm bench`` rows of ``grpc``."""
-    if scheme != "grpc":
-        return None
-    from .bench import GrpcBaseline
-
-    return GrpcBaseline("aio")

@@ -1,6 +1,6 @@
 """sfm-driver-websocket: the WebSocket transport for sfm (``ws://``, ``http://``)."""
 
-from .driver import WebSocketDriver, sfm_bench_baseline
+from .driver import WebSocketDriver
 
-__all__ = ["WebSocketDriver", "sfm_bench_baseline"]
+__all__ = ["WebSocketDriver"]
 __version__ = "0.1.0"

@@ -20,7 +20,6 @@ from websockets.client import ClientProtocol
 from websockets.server import ServerProtocol
 from websockets.uri import parse_uri
 
-import sfm_core
 from sfm_core import CommError, ConnectorInfo, Mode
 from sfm_core.aio_driver import AioDriver
 from sfm_core.driver_params import ACTIVE, PASSIVE, Param, parse_params
@@ -415,16 +414,6 @@ async def _wait_lost(conns: list[WebSocketConnection], timeout: float) -> None:
             await asyncio.sleep(0)
             return
         await asyncio.sleep(0.01)
-
-
-@sfm_core.hookimpl
-def sfm_bench_baseline(scheme: str) -> Any:
-    """The bare ``websockets`` library (echo/sink between two processes) for ``ws``/``http``."""
-    if scheme not in ("ws", "http"):
-        return None
-    from .bench import WebSocketBaseline
-
-    return WebSocketBaseline("websockets")
 
 
 def _consume_exception(fut: asyncio.Future) -> None:
