@@ -125,8 +125,11 @@ class FrameWriter:
         else:
             small = _small(payload)
         if self._send_frames is None or not small:
-            with self.exclusive():
+            self._acquire()
+            try:
                 self.write(session.data_frame(app_id, stream_id, headers, payload))
+            finally:
+                self._let_go()
             return
         role = self._role
         while True:
@@ -162,9 +165,7 @@ class FrameWriter:
                     except Exception as e:
                         raise CommError(CommError.ERROR, f"send on {self.name} failed: {type(e).__name__}: {e}") from e
                     finally:
-                        role.release()
-                        if self._queue or self._urgent or self._waiters:
-                            self._pick_up()  # queued or came to wait while we wrote: hand on
+                        self._let_go()  # what queued or came to wait while we wrote: handed on
                     return
                 # The sends come back to back: from now on the background writer sends them,
                 # while this thread goes on. (Or frames queued as the last writer let go still
@@ -247,8 +248,7 @@ class FrameWriter:
         try:
             yield
         finally:
-            with self._lock:
-                self._release_locked()
+            self._let_go()
 
     def write(self, frame: Payload) -> None:
         """Write one encoded frame; the caller holds the role."""
@@ -296,19 +296,21 @@ class FrameWriter:
     def _acquire(self, timeout: float | None = None) -> bool:
         """Take the role, after what is queued and those already waiting for it; False if
         ``timeout`` ran out."""
-        turn = threading.Event()
-        if not self._waiters and self._role.acquire(False):
+        got = not self._waiters and self._role.acquire(False)
+        if got:
             if self._failed is not None or self._closed:
-                with self._lock:
-                    self._release_locked()
+                self._let_go()
                 self._check_open()
             if not (self._queue or self._urgent):
                 return True
-            with self._lock:  # frames queued as the last writer let go: they go first
+        elif self._send_frames is None:
+            return self._acquire_plain(timeout)
+        turn = threading.Event()
+        with self._lock:
+            if got:  # frames queued as the last writer let go: they go first, then the role to us
                 self._waiters.appendleft(turn)
                 self._release_locked()
-        else:
-            with self._lock:
+            else:
                 self._check_open()
                 self._waiters.append(turn)
                 if self._waiters[0] is turn and self._role.acquire(False):
@@ -339,6 +341,38 @@ class FrameWriter:
                     self._waiters.remove(turn)
             raise
         return True
+
+    def _acquire_plain(self, timeout: float | None) -> bool:
+        """The role on a driver without ``send_frames``: nothing queues here, so it is taken as
+        a lock is (handing it over in turn would make every sender wait for a thread switch:
+        four senders on ws ran at a sixth of the rate). Control frames that came meanwhile go
+        first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            wait = _WAIT if deadline is None else min(_WAIT, deadline - time.monotonic())
+            if wait <= 0:
+                return False
+            if self._role.acquire(timeout=wait):
+                break
+            if self._failed is not None or self._closed:
+                self._check_open()
+        if self._failed is not None or self._closed:
+            self._let_go()
+            self._check_open()
+        while self._urgent:
+            frame = self._urgent.pop(0)
+            try:
+                self.conn.send_frame([frame])
+            except Exception as e:  # the connection is failing; its close follows
+                log.info("control frame on %s not sent: %s", self.name, e)
+        return True
+
+    def _let_go(self) -> None:
+        # Give up the role without the lock, then look: a frame queued, or a thread come to
+        # wait, meanwhile is seen here, or its sender takes the role that was let go.
+        self._role.release()
+        if self._queue or self._urgent or self._waiters:
+            self._pick_up()
 
     def _release_locked(self) -> None:
         # The one way the role is given up (but for a direct writer's, which then checks

@@ -440,6 +440,33 @@ def test_a_driver_without_send_frames_writes_each_frame_in_turn() -> None:
         w.close()
 
 
+def test_without_send_frames_a_waiting_sender_takes_the_role_as_a_lock_not_in_turn() -> None:
+    """Handing the role over in turn made every sender wait for a thread switch (4 senders
+    on ws and grpc fell to a sixth of their rate): a driver without send_frames has nothing
+    queued to serve first, so waiting senders take the role as a lock is taken."""
+    conn = WireConn(batches=False)
+    w = FrameWriter(conn, open_session(), "plain")
+    try:
+        gate = threading.Event()
+        conn.gate = gate
+        t = threading.Thread(target=send, args=(w, b"first"))
+        t.start()
+        assert conn.entered.wait(scaled(5))
+        waiting = [threading.Thread(target=send, args=(w, b"w%d" % i)) for i in range(3)]
+        for x in waiting:
+            x.start()
+        wait_until(lambda: all(x.is_alive() for x in waiting), what="the senders to wait")
+        assert not w._waiters, "senders lined up to be handed the role in turn"
+        w.send_control(PONG)  # found the role taken: written first by the next holder
+        gate.set()
+        for x in (t, *waiting):
+            x.join(scaled(5))
+        assert [d for _i, _c, d in conn.writes][1] == PONG
+        assert len(conn.writes) == 5
+    finally:
+        w.close()
+
+
 def test_concurrent_senders_keep_each_threads_order_and_the_numbers_follow_the_wire(monkeypatch) -> None:
     monkeypatch.setattr(fw, "STREAM_GAP", 1e-4)
     conn = WireConn()
