@@ -227,7 +227,8 @@ class FrameWriter:
         with self._lock:
             if self._closed:
                 return
-            if not self._role.acquire(False):
+            if self._urgent or not self._role.acquire(False):
+                # Someone writes, or control frames wait already: this one goes after them.
                 self._urgent.append(frame)
                 if self._role.acquire(False):
                     self._release_locked()  # the writer let go before it could see it
@@ -340,6 +341,9 @@ class FrameWriter:
                 elif turn in self._waiters:
                     self._waiters.remove(turn)
             raise
+        if self._failed is not None or self._closed:
+            self._let_go()  # handed to us as the connection failed or closed
+            self._check_open()
         return True
 
     def _acquire_plain(self, timeout: float | None) -> bool:
@@ -356,15 +360,18 @@ class FrameWriter:
                 break
             if self._failed is not None or self._closed:
                 self._check_open()
-        if self._failed is not None or self._closed:
+        try:
+            if self._failed is not None or self._closed:
+                self._check_open()
+            while self._urgent:
+                frame = self._urgent.pop(0)
+                try:
+                    self.conn.send_frame([frame])
+                except Exception as e:  # the connection is failing; its close follows
+                    log.info("control frame on %s not sent: %s", self.name, e)
+        except BaseException:
             self._let_go()
-            self._check_open()
-        while self._urgent:
-            frame = self._urgent.pop(0)
-            try:
-                self.conn.send_frame([frame])
-            except Exception as e:  # the connection is failing; its close follows
-                log.info("control frame on %s not sent: %s", self.name, e)
+            raise
         return True
 
     def _let_go(self) -> None:
@@ -410,12 +417,19 @@ class FrameWriter:
 
     def _hand_to_background(self) -> None:
         # The role stays held: it passes to the background writer.
-        self._background = True
         if self._thread is None:
-            self._thread = threading.Thread(target=self._background_loop, name=f"sfm-writer-{self.name}", daemon=True)
-            self._thread.start()
-        else:
-            self._changed.notify_all()
+            thread = threading.Thread(target=self._background_loop, name=f"sfm-writer-{self.name}", daemon=True)
+            try:
+                thread.start()
+            except RuntimeError as e:  # no thread to be had: what queued can go nowhere
+                self._failed = f"connection {self.name}: no thread for its background writer: {e}"
+                log.warning("%s; %d frame(s) lost, closing the connection", self._failed, len(self._queue))
+                self._drop_queue()
+                self._release_locked()
+                return
+            self._thread = thread
+        self._background = True
+        self._changed.notify_all()
 
     def _drop_queue(self) -> None:
         if self._queue:
@@ -445,7 +459,7 @@ class FrameWriter:
                 lock.release()
                 try:
                     self._write_batch(urgent, items)
-                except Exception as e:
+                except BaseException as e:  # (a thread that is not the main one gets no interrupts)
                     self._fail(e, len(items))  # outside the lock: a driver's close may call back
                 lock.acquire()
                 self._in_flight = 0
@@ -474,7 +488,7 @@ class FrameWriter:
         else:
             _send_each(self.conn, bufs)
 
-    def _fail(self, e: Exception, count: int) -> None:
+    def _fail(self, e: BaseException, count: int) -> None:
         why = e.message if isinstance(e, CommError) else f"{type(e).__name__}: {e}"
         self._failed = f"connection {self.name}: writing queued frames failed: {why}"
         log.warning("%s; %d frame(s) lost, closing the connection", self._failed, count)

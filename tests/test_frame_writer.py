@@ -467,6 +467,68 @@ def test_without_send_frames_a_waiting_sender_takes_the_role_as_a_lock_not_in_tu
         w.close()
 
 
+def test_a_thread_handed_the_role_after_close_does_not_write(writer) -> None:
+    hold, inside = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with writer.exclusive():
+            inside.set()
+            assert hold.wait(scaled(5))
+
+    h = threading.Thread(target=holder)
+    h.start()
+    assert inside.wait(scaled(5))
+    result: list = []
+
+    def big() -> None:
+        try:
+            send(writer, b"B" * (fw.SMALL_PAYLOAD + 1))
+            result.append("sent")
+        except CommError as e:
+            result.append(e.code)
+
+    b = threading.Thread(target=big)
+    b.start()
+    wait_until(lambda: writer._waiters, what="the large frame to wait for the role")
+    writer.close()
+    hold.set()  # the holder lets go: the role is handed to the waiting thread
+    h.join(scaled(5))
+    b.join(scaled(5))
+    assert result == [CommError.CLOSED] and writer.conn.writes == []
+
+
+def test_an_interrupt_while_the_new_holder_writes_control_frames_gives_the_role_back() -> None:
+    class Interrupting(WireConn):
+        def send_frame(self, frame) -> None:
+            if b"".join(bytes(b) for b in frame) == PONG:
+                raise KeyboardInterrupt
+            super().send_frame(frame)
+
+    conn = Interrupting(batches=False)
+    w = FrameWriter(conn, open_session(), "plain")
+    try:
+        w._role.acquire()  # a holder, mid-write
+        w.send_control(PONG)  # queued: the next holder writes it first
+        raised: list = []
+
+        def sender() -> None:
+            try:
+                send(w, b"b")
+            except BaseException as e:  # the interrupt is what is tested
+                raised.append(type(e).__name__)
+
+        t = threading.Thread(target=sender)
+        t.start()
+        wait_until(lambda: t.is_alive(), what="the sender to wait")
+        w._role.release()  # the holder's first half of letting go: the waiting sender takes it
+        t.join(scaled(5))
+        assert raised == ["KeyboardInterrupt"] and not w._role.locked()
+        send(w, b"after")
+        assert conn.writes[-1][2].endswith(b"after")
+    finally:
+        w.close()
+
+
 def test_concurrent_senders_keep_each_threads_order_and_the_numbers_follow_the_wire(monkeypatch) -> None:
     monkeypatch.setattr(fw, "STREAM_GAP", 1e-4)
     conn = WireConn()
