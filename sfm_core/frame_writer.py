@@ -79,6 +79,32 @@ def _small(payload: Payload | None) -> bool:
 class FrameWriter:
     """Orders and writes the frames of one driver connection (see the module docstring)."""
 
+    # One per connection, and a listener may hold thousands: slots, and the condition made
+    # only when first waited on (10,000 fan-in connections took 25 MB more without).
+    __slots__ = (
+        "_background",
+        "_closed",
+        "_cond",
+        "_failed",
+        "_in_flight",
+        "_last_start",
+        "_lock",
+        "_queue",
+        "_role",
+        "_run",
+        "_send_frames",
+        "_stream_run",
+        "_thread",
+        "_urgent",
+        "_waiters",
+        "batched_frames",
+        "batches",
+        "conn",
+        "name",
+        "reader",
+        "session",
+    )
+
     def __init__(self, conn: Connection, session: Session, name: str, *, stream_handoff: bool = True) -> None:
         self.conn = conn
         self.session = session
@@ -88,16 +114,18 @@ class FrameWriter:
         #: The driver's call for several whole frames at once; None: no coalescing.
         self._send_frames: Any = getattr(conn, "send_frames", None)
         self._lock = threading.Lock()  # guards everything below, and the choice of writer
-        self._changed = threading.Condition(self._lock)
+        self._cond: threading.Condition | None = None  # on _lock; see _changed
         self._role = threading.Lock()  # held by whoever writes; may be released by another thread
         #: Checked, not yet numbered DATA frames: ``(app_id, stream_id, check_data(...))``.
-        self._queue: deque[tuple[int, int, tuple[int, bytes, list]]] = deque()
+        #: (Made when a frame first queues, under _lock: a connection that never queues
+        #: has none; until then it is an empty tuple, which reads as an empty queue.)
+        self._queue: deque[tuple[int, int, tuple[int, bytes, list]]] | tuple[()] = ()
         self._urgent: list[bytes] = []
         self._background = False  # the background writer holds the role
         self._in_flight = 0  # frames the background writer is writing
         self._thread: threading.Thread | None = None
         #: Threads waiting for the role, first come first served (it is handed to them).
-        self._waiters: deque[threading.Event] = deque()
+        self._waiters: list[threading.Event] = []
         self._closed = False
         self._failed: str | None = None
         self._run = 0
@@ -171,7 +199,7 @@ class FrameWriter:
                 # while this thread goes on. (Or frames queued as the last writer let go still
                 # wait for its hand-over: they go first.)
                 with self._lock:
-                    self._queue.append((app_id, stream_id, checked))
+                    self._queue_made().append((app_id, stream_id, checked))
                     self._hand_to_background()
                 return
             # Someone writes. No lock here (this is every queued frame's path): the append is
@@ -186,6 +214,9 @@ class FrameWriter:
             if t is not bytes and payload is not None:
                 payload = bytes(payload)  # the caller may reuse its buffer once we return
             queue = self._queue
+            if type(queue) is tuple:
+                with self._lock:
+                    queue = self._queue_made()
             queue.append((app_id, stream_id, session.check_data(headers, payload)))
             if role.acquire(False):
                 with self._lock:
@@ -279,7 +310,7 @@ class FrameWriter:
         """Drop what is queued and end the background writer (the transport is closing)."""
         with self._lock:
             self._closed = True
-            self._changed.notify_all()
+            self._notify()
 
     @property
     def queued(self) -> int:
@@ -309,14 +340,14 @@ class FrameWriter:
         turn = threading.Event()
         with self._lock:
             if got:  # frames queued as the last writer let go: they go first, then the role to us
-                self._waiters.appendleft(turn)
+                self._waiters.insert(0, turn)
                 self._release_locked()
             else:
                 self._check_open()
                 self._waiters.append(turn)
                 if self._waiters[0] is turn and self._role.acquire(False):
                     if not (self._queue or self._urgent):
-                        self._waiters.popleft()  # let go meanwhile, by a writer that did not see us
+                        self._waiters.pop(0)  # let go meanwhile, by a writer that did not see us
                         return True
                     self._release_locked()  # the queue first; then the role comes to us
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -392,13 +423,25 @@ class FrameWriter:
         if self._queue or self._urgent:
             self._drop_queue()
         if self._waiters:
-            self._waiters.popleft().set()  # the role passes on, still held
+            self._waiters.pop(0).set()  # the role passes on, still held
             return
         self._role.release()
         # A frame queued (without the lock) as we let go: its sender may have tried for the
         # role just before; if no one took it since, it is ours to hand on.
         if self._queue and self._role.acquire(False):
             self._release_locked()
+
+    @property
+    def _changed(self) -> threading.Condition:
+        # Made on first use, under _lock (every wait and notify is).
+        cond = self._cond
+        if cond is None:
+            cond = self._cond = threading.Condition(self._lock)
+        return cond
+
+    def _notify(self) -> None:
+        if self._cond is not None:  # no condition yet: no one ever waited on it
+            self._cond.notify_all()
 
     def _pick_up(self) -> None:
         # Frames queued while the role was held and let go without the lock: whoever gets the
@@ -429,14 +472,21 @@ class FrameWriter:
                 return
             self._thread = thread
         self._background = True
-        self._changed.notify_all()
+        self._notify()
+
+    def _queue_made(self) -> deque:
+        # Under _lock: the one deque senders append to from now on.
+        queue = self._queue
+        if type(queue) is tuple:
+            queue = self._queue = deque()
+        return queue  # type: ignore[return-value]
 
     def _drop_queue(self) -> None:
         if self._queue:
             log.info("connection %s closed: %d queued frame(s) dropped", self.name, len(self._queue))
-        self._queue.clear()
+            self._queue.clear()  # type: ignore[union-attr]
         self._urgent = []
-        self._changed.notify_all()
+        self._notify()
 
     def _background_loop(self) -> None:
         lock = self._lock
@@ -452,7 +502,7 @@ class FrameWriter:
                     self._release_locked()
                     continue
                 urgent, self._urgent = self._urgent, []
-                queue = self._queue
+                queue = self._queue  # (an empty tuple if only control frames ever queued)
                 # Taken one by one from the one deque that senders append to without the lock.
                 items = [queue.popleft() for _ in range(len(queue))]
                 self._in_flight = len(items)
@@ -465,7 +515,7 @@ class FrameWriter:
                 self._in_flight = 0
                 # Room only now, not while the batch was written: a sender woken meanwhile
                 # would hold the interpreter while this thread needs it back after each write.
-                self._changed.notify_all()
+                self._notify()
                 if not self._queue and not self._urgent:
                     self._background = False
                     self._last_start = time.monotonic()  # a sender that goes on streaming hands on at once
