@@ -152,7 +152,26 @@ class FrameWriter:
             small = len(payload) <= SMALL_PAYLOAD  # type: ignore[arg-type]
         else:
             small = _small(payload)
-        if self._send_frames is None or not small:
+        if self._send_frames is None:
+            # A driver that queues itself (ws, grpc): the role as a lock, written out here (the
+            # per-message path of those drivers; each helper call showed in their rates).
+            role = self._role
+            if not role.acquire(False):
+                self._acquire_plain(None)
+            elif self._urgent or self._failed is not None or self._closed:
+                self._plain_taken()
+            try:
+                self.conn.send_frame(session.data_frame(app_id, stream_id, headers, payload))
+            except CommError:
+                raise
+            except Exception as e:
+                raise CommError(CommError.ERROR, f"send on {self.name} failed: {type(e).__name__}: {e}") from e
+            finally:
+                role.release()
+                if self._urgent or self._waiters or self._queue:
+                    self._pick_up()
+            return
+        if not small:
             self._acquire()
             try:
                 self.write(session.data_frame(app_id, stream_id, headers, payload))
@@ -391,6 +410,12 @@ class FrameWriter:
                 break
             if self._failed is not None or self._closed:
                 self._check_open()
+        self._plain_taken()
+        return True
+
+    def _plain_taken(self) -> None:
+        # The plain role was just taken: refuse if closed or failed, and write the control
+        # frames that came meanwhile first. Anything raised gives the role back.
         try:
             if self._failed is not None or self._closed:
                 self._check_open()
@@ -403,7 +428,6 @@ class FrameWriter:
         except BaseException:
             self._let_go()
             raise
-        return True
 
     def _let_go(self) -> None:
         # Give up the role without the lock, then look: a frame queued, or a thread come to
