@@ -167,29 +167,24 @@ class FrameWriter:
             except Exception as e:
                 raise CommError(CommError.ERROR, f"send on {self.name} failed: {type(e).__name__}: {e}") from e
             finally:
-                role.release()
-                if self._urgent or self._waiters or self._queue:
-                    self._pick_up()
-            return
-        if not small:
-            self._acquire()
-            try:
-                self.write(session.data_frame(app_id, stream_id, headers, payload))
-            finally:
                 self._let_go()
             return
+        if not small:
+            self._send_in_turn(session, app_id, stream_id, headers, payload)
+            return
         role = self._role
-        while True:
-            if role.acquire(False):
-                # No one writes: write it now (no lock taken: this is the path of a lone
-                # message and of request/response).
-                try:
-                    if self._failed is not None or self._closed:
-                        self._check_open()
-                    if self._waiters:
-                        with self._lock:
-                            self._release_locked()  # to the first in line; we line up too
-                        break
+        if role.acquire(False):
+            # No one writes: write it now (no lock taken: this is the path of a lone
+            # message and of request/response).
+            try:
+                if self._failed is not None or self._closed:
+                    self._check_open()
+                if self._waiters:
+                    with self._lock:
+                        self._release_locked()  # to the first in line; we line up too
+                    in_turn = True
+                else:
+                    in_turn = False
                     now = time.monotonic()
                     self._run = run = self._run + 1 if now - self._last_start < STREAM_GAP else 0
                     self._last_start = now
@@ -200,58 +195,70 @@ class FrameWriter:
                         if t is not bytes and payload is not None:
                             payload = bytes(payload)  # the caller may reuse its buffer once we return
                         checked = session.check_data(headers, payload)
-                except BaseException:
-                    with self._lock:
-                        self._release_locked()
-                    raise
-                if direct:
-                    try:
-                        self.conn.send_frame(session.data_frame(app_id, stream_id, headers, payload))
-                    except CommError:
-                        raise
-                    except Exception as e:
-                        raise CommError(CommError.ERROR, f"send on {self.name} failed: {type(e).__name__}: {e}") from e
-                    finally:
-                        self._let_go()  # what queued or came to wait while we wrote: handed on
-                    return
-                # The sends come back to back: from now on the background writer sends them,
-                # while this thread goes on. (Or frames queued as the last writer let go still
-                # wait for its hand-over: they go first.)
-                with self._lock:
-                    self._queue_made().append((app_id, stream_id, checked))
-                    self._hand_to_background()
-                return
-            # Someone writes. No lock here (this is every queued frame's path): the append is
-            # atomic, and whoever lets go of the role looks at the queue after letting go, while
-            # we try for the role after appending, so one of us sees the frame.
-            if self._failed is not None or self._closed:
-                self._check_open()
-            if self._waiters or session.state is not _OPEN:
-                # A big frame or a handshake waits for the role, or holds it (READY is being
-                # written: a message sent the moment the peer is known follows it).
-                break
-            if t is not bytes and payload is not None:
-                payload = bytes(payload)  # the caller may reuse its buffer once we return
-            queue = self._queue
-            if type(queue) is tuple:
-                with self._lock:
-                    queue = self._queue_made()
-            queue.append((app_id, stream_id, session.check_data(headers, payload)))
-            if role.acquire(False):
-                with self._lock:
-                    self._release_locked()  # the writer let go before it could see this frame
-            elif len(queue) > QUEUE_FRAMES:
-                with self._lock:
-                    self._wait_for_room()
-            if session.state is not _OPEN:
-                # Closing began as we queued: a drain may have looked already. See it written
-                # (or, if the connection closes first, say so).
-                self._acquire()
+            except BaseException:
                 with self._lock:
                     self._release_locked()
+                raise
+            if in_turn:
+                self._send_in_turn(session, app_id, stream_id, headers, payload)
+                return
+            if direct:
+                try:
+                    self.conn.send_frame(session.data_frame(app_id, stream_id, headers, payload))
+                except CommError:
+                    raise
+                except Exception as e:
+                    raise CommError(CommError.ERROR, f"send on {self.name} failed: {type(e).__name__}: {e}") from e
+                finally:
+                    self._let_go()  # what queued or came to wait while we wrote: handed on
+                return
+            # The sends come back to back: from now on the background writer sends them,
+            # while this thread goes on. (Or frames queued as the last writer let go still
+            # wait for its hand-over: they go first.)
+            with self._lock:
+                self._queue_made().append((app_id, stream_id, checked))
+                self._hand_to_background()
             return
-        with self.exclusive():
+        # Someone writes. No lock here (this is every queued frame's path): the append is
+        # atomic, and whoever lets go of the role looks at the queue after letting go, while
+        # we try for the role after appending, so one of us sees the frame.
+        if self._failed is not None or self._closed:
+            self._check_open()
+        if self._waiters or session.state is not _OPEN:
+            # A big frame or a handshake waits for the role, or holds it (READY is being
+            # written: a message sent the moment the peer is known follows it).
+            self._send_in_turn(session, app_id, stream_id, headers, payload)
+            return
+        if t is not bytes and payload is not None:
+            payload = bytes(payload)  # the caller may reuse its buffer once we return
+        queue = self._queue
+        if type(queue) is tuple:
+            with self._lock:
+                queue = self._queue_made()
+        queue.append((app_id, stream_id, session.check_data(headers, payload)))
+        if role.acquire(False):
+            with self._lock:
+                self._release_locked()  # the writer let go before it could see this frame
+        elif len(queue) > QUEUE_FRAMES:
+            with self._lock:
+                self._wait_for_room()
+        if session.state is not _OPEN:
+            # Closing began as we queued: a drain may have looked already. See it written
+            # (or, if the connection closes first, say so).
+            self._acquire()
+            with self._lock:
+                self._release_locked()
+        return
+
+    def _send_in_turn(
+        self, session: Session, app_id: int, stream_id: int, headers: dict | None, payload: Payload | None
+    ) -> None:
+        # Wait for the role after what is queued and those already waiting, then write.
+        self._acquire()
+        try:
             self.write(session.data_frame(app_id, stream_id, headers, payload))
+        finally:
+            self._let_go()
 
     def frames_arrived(self) -> None:
         """Frames arrived: the traffic is not a one-way stream, so the next small frame that

@@ -408,8 +408,9 @@ class Session:
             raise CommError(code, f"connection is {self.state.value}")
         limit = self.send_limit
         parts = []
-        # The same measuring as data_frame, written out again on purpose: data_frame is the
-        # one-message hot path, where a shared helper's extra call per message shows.
+        # The same measuring as data_frame and check_data, written out again on purpose:
+        # data_frame is the one-message hot path, and calling check_data per message here cost
+        # the batch path 0.1-0.2 us a message (15-25 %, measured).
         for headers, payload in messages:
             hb = fr.encode_headers(headers) if headers else b""
             if payload is None:

@@ -423,11 +423,7 @@ def test_a_driver_without_send_frames_writes_each_frame_in_turn() -> None:
     conn = WireConn(batches=False)
     w = FrameWriter(conn, open_session(), "plain")
     try:
-        gate = threading.Event()
-        conn.gate = gate
-        t = threading.Thread(target=send, args=(w, b"first"))
-        t.start()
-        assert conn.entered.wait(scaled(5))
+        t, gate = held_write(w, b"first")
         second = threading.Thread(target=send, args=(w, b"second"))
         second.start()
         second.join(0.05)
@@ -447,11 +443,7 @@ def test_without_send_frames_a_waiting_sender_takes_the_role_as_a_lock_not_in_tu
     conn = WireConn(batches=False)
     w = FrameWriter(conn, open_session(), "plain")
     try:
-        gate = threading.Event()
-        conn.gate = gate
-        t = threading.Thread(target=send, args=(w, b"first"))
-        t.start()
-        assert conn.entered.wait(scaled(5))
+        t, gate = held_write(w, b"first")
         waiting = [threading.Thread(target=send, args=(w, b"w%d" % i)) for i in range(3)]
         for x in waiting:
             x.start()
