@@ -71,6 +71,33 @@ def test_any_split_of_the_stream_gives_the_same_frames(specs: list, data: st.Dat
     assert decoder.pending == 0
 
 
+@settings(max_examples=100)
+@given(st.lists(frames_st, min_size=1, max_size=6))
+def test_one_whole_frame_per_read_gives_each_frame(specs: list) -> None:
+    # Request/response: every read holds exactly one frame (the decoder's shortest path).
+    decoder = FrameDecoder(buffer_size=1 << 16, large_frame=1 << 14)
+    decoder.feed(b"\0\0\0\x10" + bytes(12))  # an empty first frame: the first-frame check is done
+    for spec in specs:
+        frame = _bytes(*spec)
+        assert [bytes(f) for f in decoder.feed(frame)] == [frame]
+        assert decoder.pending == 0
+
+
+@pytest.mark.parametrize(
+    ("frame", "message"),
+    [
+        (PREFIX.pack(20, 5, 1, 0, 0, 0, 0, 0) + b"abcd", "header_len 5 exceeds the 4 bytes after the prefix"),
+        (PREFIX.pack(100, 0, 1, 0, 0, 0, 0, 0) + bytes(84), "exceeds the maximum frame size of 64"),
+    ],
+    ids=["header_len", "max_frame_size"],
+)
+def test_a_bad_frame_alone_in_a_read_is_refused_as_in_a_stream(frame: bytes, message: str) -> None:
+    decoder = FrameDecoder(max_frame_size=64, buffer_size=4096, large_frame=1024)
+    decoder.feed(PREFIX.pack(16, 0, 1, 0, 0, 0, 0, 0))  # a good first frame
+    with pytest.raises(CommError, match=message):
+        decoder.feed(frame)
+
+
 @settings(max_examples=300)
 @given(st.binary(max_size=2000), st.integers(1, 100))
 def test_random_bytes_raise_nothing_but_commerror(data: bytes, chunk: int) -> None:
