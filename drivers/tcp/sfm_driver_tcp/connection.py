@@ -287,15 +287,17 @@ class TcpConnection(Connection):
                         waited = True
                         continue
                     break
-                waited = self._note_read(n, waited)
+                if waited or n >= _TRICKLE:  # else _note_read would change nothing: no call
+                    waited = self._note_read(n, waited)
                 reads += 1
                 if n == 0:
                     self._at_eof()
                     break
                 done = decoder.buffer_updated(n)
-                if not decoder.in_large_frame:
+                large = decoder.in_large_frame
+                if not large:
                     self._trickling = False
-                if n < len(buf) and not decoder.in_large_frame:
+                if n < len(buf) and not large:
                     # A short read drained the socket: skip the recv that would say EAGAIN.
                     frames += done
                     break
@@ -365,8 +367,12 @@ class TcpConnection(Connection):
 
     def _hand_over(self, frames: list) -> None:
         if frames:
+            receiver = self.frame_receiver
             try:
-                self.process_frames(frames)
+                if receiver is not None:
+                    receiver.process_frames(frames)  # what process_frames does, one call less
+                else:
+                    self.process_frames(frames)  # raises, naming the missing receiver
             except CommError as e:
                 log.warning("connection %s: closing: %s", self.name, e)
                 self.close()
