@@ -459,6 +459,34 @@ def test_without_send_frames_a_waiting_sender_takes_the_role_as_a_lock_not_in_tu
         w.close()
 
 
+def test_without_send_frames_a_sender_waiting_as_the_connection_closes_writes_nothing() -> None:
+    # The plain role is a blocking lock: the waiting sender is let in when the write in
+    # progress ends, and must then see the close rather than write.
+    conn = WireConn(batches=False)
+    w = FrameWriter(conn, open_session(), "plain")
+    t, gate = held_write(w, b"first")
+    result: list = []
+
+    def second() -> None:
+        try:
+            send(w, b"second")
+            result.append("sent")
+        except CommError as e:
+            result.append(e.code)
+
+    s = threading.Thread(target=second)
+    s.start()
+    s.join(0.05)
+    assert s.is_alive(), "the second sender waits for the write in progress"
+    w.close()
+    gate.set()
+    t.join(scaled(5))
+    s.join(scaled(5))
+    assert result == [CommError.CLOSED]
+    assert [bytes(f.payload) for f in decoded(conn.wire())] == [b"first"]
+    assert not w._role.locked()
+
+
 def test_a_thread_handed_the_role_after_close_does_not_write(writer) -> None:
     hold, inside = threading.Event(), threading.Event()
 
