@@ -81,14 +81,6 @@ def test_a_round_that_replied_never_waits() -> None:
     assert len(h.asked_at) == 1
 
 
-def test_a_first_round_that_replied_is_not_looked_at_again() -> None:
-    # Request/response: looking for the next request right after the reply is a syscall per
-    # message that finds nothing; the re-armed socket fires if it does come.
-    h = Scripted(True, one_way=False)
-    assert not _reactor(0.05)._more(h, rounds=1)
-    assert h.asked_at == []
-
-
 class StalledSocket:
     """A socket whose peer takes ``first`` bytes of the next sendmsg, then nothing at all."""
 

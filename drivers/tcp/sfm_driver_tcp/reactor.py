@@ -174,12 +174,7 @@ class Reactor:
                     rearm(handler)
 
     def _more(self, handler: Readable, rounds: int) -> bool:
-        """Keep serving ``handler``? Yes while it has data; a one-way stream gets one short wait.
-        After a first round that replied, no: that is request/response, where the next request
-        comes only after the reply (looking would be a syscall per message that finds nothing;
-        if data did come, the re-armed socket fires at once)."""
-        if rounds == 1 and not handler.wants_gather():
-            return False
+        """Keep serving ``handler``? Yes while it has data; a one-way stream gets one short wait."""
         if handler.readable_now():
             return True
         if rounds == 1 or not self._gather or not handler.wants_gather():
