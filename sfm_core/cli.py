@@ -299,11 +299,8 @@ def _serve_config(args: argparse.Namespace) -> tuple[ConnManager, list[str]]:
     ``--name`` and ``--heartbeat`` replace the endpoint's name and heartbeat_interval, a URL
     is one more connector after the file's (``--connect`` and the TLS options are its own).
     ``--connect`` or a TLS option without a URL is refused: there is no connector for it."""
-    from .config import MaskingFilter, load_config
+    from .config import load_config
 
-    for handler in logging.getLogger().handlers:  # passwords in URLs never reach the log
-        if not any(isinstance(f, MaskingFilter) for f in handler.filters):
-            handler.addFilter(MaskingFilter())
     tls = {k: os.path.abspath(v) if k in TLS_OPTIONS[:5] else v for k, v in _tls_params(args).items()}
     if not args.url and (tls or args.connect):
         opts = ", ".join("--" + k.replace("_", "-") for k in (["connect"] if args.connect else []) + sorted(tls))
@@ -793,10 +790,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     verbose = args.verbose + args.sub_verbose
     level = {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .config import MaskingFilter, mask
+
+    for handler in logging.getLogger().handlers:  # passwords in URLs never reach the log
+        if not any(isinstance(f, MaskingFilter) for f in handler.filters):
+            handler.addFilter(MaskingFilter())
     try:
         return int(args.func(args) or 0)
     except CommError as e:
-        _progress(f"sfm {args.command}: {e.message or e}")
+        _progress(mask(f"sfm {args.command}: {e.message or e}"))
         return 2
     except KeyboardInterrupt:
         return 130

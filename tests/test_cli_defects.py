@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 
 import pytest
 from helpers import scaled, serving
@@ -362,3 +363,31 @@ def test_demo_runs_a_path_based_driver(monkeypatch, capsys) -> None:
         get_plugin_manager().unregister(plugin)
     [result] = json.loads(capsys.readouterr().out)["results"]
     assert result["scheme"] == "udsdemo" and result["ok"]
+
+
+def test_serve_url_masks_its_password_in_the_log_too() -> None:
+    """Only ``sfm serve --config`` masked passwords in log lines; ``sfm serve URL`` logged the
+    connector's failed attempts (-vv) with the URL as given."""
+    url = "tcp://user:secret@127.0.0.1:1"  # nothing listens on port 1: every attempt fails
+    proc = subprocess.Popen(
+        [*SFM, "serve", url, "--connect", "--name", "client", "-vv"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines = []
+    give_up = threading.Timer(scaled(30), proc.kill)  # the loop below then sees EOF
+    give_up.start()
+    try:
+        for line in proc.stderr:  # until a failed attempt is logged with the URL
+            lines.append(line)
+            if "secret" in line or ("user:***@127.0.0.1:1" in line and "connecting to" not in line):
+                break
+    finally:
+        give_up.cancel()
+        give_up.join()
+        proc.terminate()
+        out, err = proc.communicate(timeout=scaled(20))
+    text = "".join(lines) + err + out
+    assert "user:***@127.0.0.1:1" in text
+    assert "secret" not in text
