@@ -27,6 +27,7 @@ from .driver import Mode
 from .endpoint import Endpoint, EndpointMonitor, EndpointState
 from .errors import CommError, HandshakeRefused
 from .listen_url import free_listen_url
+from .masking import mask, masked_logging
 from .message import Message, MessageReceiver
 from .registry import get_registry
 from .tls import SECURE_SCHEMES as _SECURE
@@ -39,14 +40,14 @@ TLS_OPTIONS = ("ca_cert", "server_cert", "server_key", "client_cert", "client_ke
 
 
 def _out(line: str = "") -> None:
-    """A result: on stdout."""
-    sys.stdout.write(line + "\n")
+    """A result: on stdout (URL passwords masked)."""
+    sys.stdout.write(mask(line) + "\n")
     sys.stdout.flush()
 
 
 def _progress(line: str) -> None:
-    """What the command is doing (not a result): on stderr."""
-    sys.stderr.write(line + "\n")
+    """What the command is doing (not a result): on stderr (URL passwords masked)."""
+    sys.stderr.write(mask(line) + "\n")
     sys.stderr.flush()
 
 
@@ -352,14 +353,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     _out(_listening_line(name, connector, manager.wait_listening(handle, 10)))
                 except CommError as e:
                     why = _listen_failure(connector) if connector.error is not None else e.message
-                    from .config import mask
-
-                    _progress(mask(f"sfm serve: cannot listen on {url}: {why}"))
+                    _progress(f"sfm serve: cannot listen on {url}: {why}")
                     return 1
             else:
-                from .config import mask
-
-                _progress(f"{name} connecting to {mask(str(url))} (its state changes follow on stdout)")
+                _progress(f"{name} connecting to {url} (its state changes follow on stdout)")
         return _wait_for_signal(manager)
     finally:
         manager.stop()
@@ -790,18 +787,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     verbose = args.verbose + args.sub_verbose
     level = {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from .config import MaskingFilter, mask
-
-    for handler in logging.getLogger().handlers:  # passwords in URLs never reach the log
-        if not any(isinstance(f, MaskingFilter) for f in handler.filters):
-            handler.addFilter(MaskingFilter())
-    try:
-        return int(args.func(args) or 0)
-    except CommError as e:
-        _progress(mask(f"sfm {args.command}: {e.message or e}"))
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    with masked_logging():  # passwords in URLs never reach the log
+        try:
+            return int(args.func(args) or 0)
+        except CommError as e:
+            _progress(f"sfm {args.command}: {e.message or e}")
+            return 2
+        except KeyboardInterrupt:
+            return 130
 
 
 if __name__ == "__main__":

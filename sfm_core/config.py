@@ -37,7 +37,6 @@ masked (:func:`mask`) in every message.
 from __future__ import annotations
 
 import difflib
-import logging
 import math
 import os
 import re
@@ -57,6 +56,7 @@ from .driver_params import CORE_PARAMS
 from .endpoint import Endpoint
 from .errors import CommError
 from .handshake import validate_endpoint_name
+from .masking import MaskingFilter, mask
 from .registry import OFFICIAL_PACKAGES, DriverRegistry, get_registry, normalize_name
 from .url import parse_url
 
@@ -199,33 +199,6 @@ _STRING_KEYS = {("endpoint", "name"), ("connector", "url"), ("connector", "mode"
 
 def _num(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else str(x)
-
-
-# -- secrets -------------------------------------------------------------------------------
-
-_URL_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^\s/@:'\"]*:)(?P<secret>[^\s/@'\"]*)@")
-_PEM = re.compile(r"-----BEGIN [A-Z0-9 ]+-----.*?(-----END [A-Z0-9 ]+-----|$)", re.S)
-
-
-def mask(text: str) -> str:
-    """``text`` with the password of every URL in it masked (``tcp://user:***@host:1``) and
-    any PEM block (key contents pasted where a path belongs) left out."""
-    text = _URL_PASSWORD.sub(lambda m: f"{m.group('head')}***@", text)
-    return _PEM.sub("<PEM contents, not shown>", text)
-
-
-class MaskingFilter(logging.Filter):
-    """A logging filter (put it on handlers) that masks passwords in URLs (:func:`mask`)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        try:
-            message = record.getMessage()
-        except Exception:
-            return True
-        masked = mask(message)
-        if masked != message:
-            record.msg, record.args = masked, None
-        return True
 
 
 # -- problems ------------------------------------------------------------------------------

@@ -366,9 +366,9 @@ def test_demo_runs_a_path_based_driver(monkeypatch, capsys) -> None:
 
 
 def test_serve_url_masks_its_password_in_the_log_too() -> None:
-    """Only ``sfm serve --config`` masked passwords in log lines; ``sfm serve URL`` logged the
-    connector's failed attempts (-vv) with the URL as given."""
-    url = "tcp://user:secret@127.0.0.1:1"  # nothing listens on port 1: every attempt fails
+    """Only ``sfm serve --config`` masked passwords in log lines; ``sfm serve URL`` logged
+    its connector (-vv) with the URL as given."""
+    url = "tcp://user:secret@127.0.0.1:1"  # nothing listens on port 1
     proc = subprocess.Popen(
         [*SFM, "serve", url, "--connect", "--name", "client", "-vv"],
         stdout=subprocess.PIPE,
@@ -379,15 +379,37 @@ def test_serve_url_masks_its_password_in_the_log_too() -> None:
     give_up = threading.Timer(scaled(30), proc.kill)  # the loop below then sees EOF
     give_up.start()
     try:
-        for line in proc.stderr:  # until a failed attempt is logged with the URL
+        for line in proc.stderr:  # until a log line (not the progress line) shows the URL
             lines.append(line)
-            if "secret" in line or ("user:***@127.0.0.1:1" in line and "connecting to" not in line):
+            if " DEBUG " in line and ("secret" in line or "user:***@127.0.0.1:1" in line):
                 break
     finally:
         give_up.cancel()
         give_up.join()
-        proc.terminate()
+        proc.kill()
         out, err = proc.communicate(timeout=scaled(20))
-    text = "".join(lines) + err + out
-    assert "user:***@127.0.0.1:1" in text
-    assert "secret" not in text
+    logged = [line for line in lines if " DEBUG " in line and "127.0.0.1:1" in line]
+    assert logged, "no log line with the URL: " + "".join(lines)
+    assert "user:***@127.0.0.1:1" in logged[-1]
+    assert "secret" not in "".join(lines) + err + out
+
+
+def test_ping_masks_the_password_of_its_url() -> None:
+    """``sfm ping`` printed its URL as given in its progress and its errors."""
+    out = run("ping", "tcp://user:secret@127.0.0.1:1", "--name", "p", "--timeout", "1")
+    assert out.returncode == 1
+    assert "cannot reach tcp://user:***@127.0.0.1:1" in out.stderr
+    assert "secret" not in out.stdout + out.stderr
+
+
+def test_the_log_masking_of_a_command_ends_with_it(capsys) -> None:
+    """main() masks log records only while it runs: a program (or a test) that calls it keeps
+    its own logging as it was."""
+    import logging
+
+    from sfm_core.masking import MaskingFilter
+
+    assert main(["drivers"]) == 0
+    capsys.readouterr()
+    for handler in logging.getLogger().handlers:
+        assert not any(isinstance(f, MaskingFilter) for f in handler.filters)

@@ -346,6 +346,18 @@ def test_mask_hides_url_passwords_and_pem_contents() -> None:
     assert "MIIEv" not in mask(f"key {pem} here")
 
 
+def test_the_masking_filter_masks_a_records_traceback_too() -> None:
+    import sys
+
+    try:
+        raise CommError(CommError.CLOSED, "cannot connect to tcp://u:secret@h:1")
+    except CommError:
+        record = logging.LogRecord("x", logging.ERROR, __file__, 1, "failed", (), sys.exc_info())
+    assert MaskingFilter().filter(record)
+    text = logging.Formatter().format(record)
+    assert "tcp://u:***@h:1" in text and "secret" not in text
+
+
 def test_key_contents_where_a_path_belongs_are_never_shown(tmp_path: Path) -> None:
     text = HEAD + '[[connector]]\nurl = "stcp://0:1"\nmode = "passive"\n'
     text += 'tls = { server_key = """-----BEGIN PRIVATE KEY-----\nMIIEvSECRET\n-----END PRIVATE KEY-----""" }\n'
