@@ -164,7 +164,8 @@ class Connection(ABC):
         """Send one whole frame, given as one buffer or a list of buffers to send back to back.
 
         Blocks while the transport cannot take more (backpressure) and raises
-        ``CommError(CLOSED)``/``CommError(TIMEOUT)`` when the frame cannot be sent. Once it
+        ``CommError(CLOSED)``/``CommError(TIMEOUT)`` when the frame cannot be sent, also when
+        :meth:`close` is called while it blocks (other senders wait for it). Once it
         returns, the caller may reuse its buffers: a driver may keep ``bytes`` to send later,
         but never a writable buffer (copy it, or send it before returning).
         """
