@@ -123,6 +123,11 @@ R_SEND_CLOSED = (
     "rule: send_frame on a closed connection raises CommError(CLOSED) (or TIMEOUT), never "
     "another exception and never silently (docs/plugins.md, 'The contract': send_frame)"
 )
+R_SEND_BLOCKED_CLOSED = (
+    "rule: a send_frame blocked on a full transport raises CommError(CLOSED) (or TIMEOUT) soon "
+    "after close() is called, from any thread: the connection's other senders wait for it "
+    "(docs/plugins.md, 'The contract': send_frame)"
+)
 R_BAD_FRAME = (
     "rule: validate what you receive and close only the offending connection; every other "
     "connection goes on (docs/plugins.md, 'Validate what you receive'; docs/architecture.md, 'Errors')"
@@ -750,6 +755,45 @@ def test_a_slow_receiver_bounds_the_senders_memory(net: Net):
     )
     got = numbered(p.server_rx.wait_for(chunk_count, timeout=60, rule=R_BACKPRESSURE))
     assert got == list(range(chunk_count)), _order_report(got, chunk_count, "after the receiver caught up")
+
+
+def test_a_send_blocked_on_a_full_transport_ends_when_the_connection_closes(net: Net):
+    p = net.pair(server_kw={"queue_bytes": 4 * MIB, "queue_frames": 64})
+    p.server_rx.gate = threading.Event()  # the receiver takes nothing: the transport fills
+    payload = bytes(MIB)
+    sent = [0]
+    ended: list = []
+
+    def send() -> None:
+        try:
+            while True:
+                p.client.send_message(p.to_server, APP, None, payload)
+                sent[0] += 1
+        except Exception as e:
+            ended.append(e)
+
+    [sfm_conn] = p.client.get_connections(net.tls.server_name)
+    sender = threading.Thread(target=send, name="sfm-conformance-blocked-sender")
+    sender.start()
+    try:
+        last, since = -1, time.monotonic()
+        while sender.is_alive() and time.monotonic() - since < 1.0:  # until the sender stalls for 1 s
+            if sent[0] != last:
+                last, since = sent[0], time.monotonic()
+            time.sleep(0.02)
+        sfm_conn.conn.close()  # from this thread, while the sender waits in send_frame
+        sender.join(scaled(15))
+        assert not sender.is_alive(), (
+            f"a send blocked on a full transport was still blocked 15 s after close() ({sent[0]} MiB had been "
+            f"taken); {R_SEND_BLOCKED_CLOSED}"
+        )
+    finally:
+        p.server_rx.gate.set()
+        sender.join(scaled(15))
+    [e] = ended
+    assert isinstance(e, CommError) and e.code in (CommError.CLOSED, CommError.TIMEOUT), (
+        f"the blocked send ended with {e!r}; {R_SEND_BLOCKED_CLOSED}"
+    )
 
 
 def test_the_active_side_reconnects_after_the_listener_restarts(net: Net):
