@@ -760,36 +760,50 @@ def test_a_slow_receiver_bounds_the_senders_memory(net: Net):
 def test_a_send_blocked_on_a_full_transport_ends_when_the_connection_closes(net: Net):
     p = net.pair(server_kw={"queue_bytes": 4 * MIB, "queue_frames": 64})
     p.server_rx.gate = threading.Event()  # the receiver takes nothing: the transport fills
-    payload = bytes(MIB)
+    [sfm_conn] = p.client.get_connections(net.tls.server_name)
+    payload, cap = bytes(MIB), 200
     sent = [0]
     ended: list = []
 
     def send() -> None:
         try:
-            while True:
-                p.client.send_message(p.to_server, APP, None, payload)
+            for _ in range(cap):  # on this one connection (not the endpoint: it reconnects)
+                sfm_conn.send_data(APP, 1, None, payload)
                 sent[0] += 1
         except Exception as e:
             ended.append(e)
 
-    [sfm_conn] = p.client.get_connections(net.tls.server_name)
-    sender = threading.Thread(target=send, name="sfm-conformance-blocked-sender")
+    sender = threading.Thread(target=send, name="sfm-conformance-blocked-sender", daemon=True)
     sender.start()
     try:
         last, since = -1, time.monotonic()
-        while sender.is_alive() and time.monotonic() - since < 1.0:  # until the sender stalls for 1 s
+        while sender.is_alive() and time.monotonic() - since < scaled(1.0):  # until the sender stalls
             if sent[0] != last:
                 last, since = sent[0], time.monotonic()
             time.sleep(0.02)
-        sfm_conn.conn.close()  # from this thread, while the sender waits in send_frame
-        sender.join(scaled(15))
+        assert sender.is_alive(), (
+            f"the sender never blocked: {sent[0]} MiB taken, then {ended[0]!r}; {R_BACKPRESSURE}"
+            if ended
+            else f"{cap} MiB were taken by a receiver that takes nothing, and send_frame never blocked; "
+            f"{R_BACKPRESSURE}"
+        )
+        at_close = sent[0]
+        closer = threading.Thread(target=sfm_conn.conn.close, name="sfm-conformance-closer", daemon=True)
+        closer.start()  # from another thread than the blocked sender's
+        limit = scaled(15)
+        closer.join(limit)
+        assert not closer.is_alive(), f"close() did not return within {limit:.0f} s while a send was blocked; {R_CLOSE}"
+        sender.join(limit)
         assert not sender.is_alive(), (
-            f"a send blocked on a full transport was still blocked 15 s after close() ({sent[0]} MiB had been "
-            f"taken); {R_SEND_BLOCKED_CLOSED}"
+            f"a send blocked on a full transport was still blocked {limit:.0f} s after close() ({at_close} MiB had "
+            f"been taken); {R_SEND_BLOCKED_CLOSED}"
         )
     finally:
         p.server_rx.gate.set()
         sender.join(scaled(15))
+    assert sent[0] == at_close, (
+        f"the send blocked at close() returned as if sent instead of raising; {R_SEND_BLOCKED_CLOSED}"
+    )
     [e] = ended
     assert isinstance(e, CommError) and e.code in (CommError.CLOSED, CommError.TIMEOUT), (
         f"the blocked send ended with {e!r}; {R_SEND_BLOCKED_CLOSED}"
