@@ -27,7 +27,7 @@ from .driver import Mode
 from .endpoint import Endpoint, EndpointMonitor, EndpointState
 from .errors import CommError, HandshakeRefused
 from .listen_url import free_listen_url
-from .masking import mask, masked_logging
+from .masking import mask_urls, masked_logging
 from .message import Message, MessageReceiver
 from .registry import get_registry
 from .tls import SECURE_SCHEMES as _SECURE
@@ -41,13 +41,13 @@ TLS_OPTIONS = ("ca_cert", "server_cert", "server_key", "client_cert", "client_ke
 
 def _out(line: str = "") -> None:
     """A result: on stdout (URL passwords masked)."""
-    sys.stdout.write(mask(line) + "\n")
+    sys.stdout.write(mask_urls(line) + "\n")
     sys.stdout.flush()
 
 
 def _progress(line: str) -> None:
     """What the command is doing (not a result): on stderr (URL passwords masked)."""
-    sys.stderr.write(mask(line) + "\n")
+    sys.stderr.write(mask_urls(line) + "\n")
     sys.stderr.flush()
 
 

@@ -11,11 +11,16 @@ _URL_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^\s/@:'\"]*:)
 _PEM = re.compile(r"-----BEGIN [A-Z0-9 ]+-----.*?(-----END [A-Z0-9 ]+-----|$)", re.S)
 
 
+def mask_urls(text: str) -> str:
+    """``text`` with the password of every URL in it masked (``tcp://user:***@host:1``), and
+    nothing else changed (what a command prints: tables, JSON, a peer's properties)."""
+    return _URL_PASSWORD.sub(lambda m: f"{m.group('head')}***@", text)
+
+
 def mask(text: str) -> str:
-    """``text`` with the password of every URL in it masked (``tcp://user:***@host:1``) and
-    any PEM block (key contents pasted where a path belongs) left out."""
-    text = _URL_PASSWORD.sub(lambda m: f"{m.group('head')}***@", text)
-    return _PEM.sub("<PEM contents, not shown>", text)
+    """:func:`mask_urls`, and any PEM block (key contents pasted where a path belongs) left
+    out, to its END line or, cut short, to the end of ``text`` (log lines, config errors)."""
+    return _PEM.sub("<PEM contents, not shown>", mask_urls(text))
 
 
 class MaskingFilter(logging.Filter):
@@ -30,8 +35,11 @@ class MaskingFilter(logging.Filter):
         masked = mask(message)
         if masked != message:
             record.msg, record.args = masked, None
-        if record.exc_info and not record.exc_text:
-            # A formatter prints exc_text when it is set: the masked traceback, not the raw one.
+        if record.exc_text:  # formatted by a handler before this one
+            record.exc_text = mask(record.exc_text)
+        elif record.exc_info:
+            # Formatters print exc_text when it is set: the masked traceback, not the raw one
+            # (in the default layout; a formatter that formats exc_info itself is not covered).
             record.exc_text = mask(logging.Formatter().formatException(record.exc_info))
         return True
 

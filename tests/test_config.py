@@ -358,6 +358,26 @@ def test_the_masking_filter_masks_a_records_traceback_too() -> None:
     assert "tcp://u:***@h:1" in text and "secret" not in text
 
 
+def test_a_traceback_another_handler_formatted_first_is_masked_too() -> None:
+    import sys
+
+    try:
+        raise CommError(CommError.CLOSED, "cannot connect to tcp://u:secret@h:1")
+    except CommError:
+        record = logging.LogRecord("x", logging.ERROR, __file__, 1, "failed", (), sys.exc_info())
+    logging.Formatter().format(record)  # an earlier handler: exc_text is the raw traceback now
+    assert MaskingFilter().filter(record)
+    assert "secret" not in logging.Formatter().format(record)
+
+
+def test_command_output_masks_url_passwords_and_nothing_else(capsys) -> None:
+    from sfm_core.cli import _out
+
+    cert = "-----BEGIN CERTIFICATE-----\nMIIB"  # a peer's property, cut short: printed as it is
+    _out(f'{{"url": "tcp://u:secret@h:1", "cert": "{cert}"}}')
+    assert capsys.readouterr().out == f'{{"url": "tcp://u:***@h:1", "cert": "{cert}"}}\n'
+
+
 def test_key_contents_where_a_path_belongs_are_never_shown(tmp_path: Path) -> None:
     text = HEAD + '[[connector]]\nurl = "stcp://0:1"\nmode = "passive"\n'
     text += 'tls = { server_key = """-----BEGIN PRIVATE KEY-----\nMIIEvSECRET\n-----END PRIVATE KEY-----""" }\n'
