@@ -151,7 +151,7 @@ class FrameWriter:
             # A driver that queues itself (ws, grpc): the role as a lock, written out here (the
             # per-message path of those drivers; each helper call showed in their rates).
             # Taken with a plain blocking acquire, as the send lock before the frame writer
-            # was: a timed acquire cost 4 senders 10-30 % (measured, with or without a try
+            # was: a timed acquire cost 4 senders up to 30 % (measured, with or without a try
             # first). So a waiting sender notices a close only when the holder lets go, which
             # it does when its write returns or raises; closing the SfmConnection closes the
             # driver's connection, whose send_frame then raises (its contract, driver.py).
